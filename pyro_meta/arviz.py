@@ -1,0 +1,99 @@
+"""ArviZ export: ``to_inference_data`` turns a learner's posterior predictive on some tasks into an
+``arviz.InferenceData`` (posterior, posterior_predictive, log_likelihood, observed_data, constant_data)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import arviz as az
+import numpy as np
+import torch
+
+from .evaluate import QUERY_SITE, Prediction, predict
+from .learner import MetaLearner
+from .tasks import TaskBatch
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+
+
+def _weight_names(learner: MetaLearner, size: int) -> list[str] | None:
+    net = getattr(getattr(learner, "model", None), "net", None)
+    spec = getattr(net, "spec", None)
+    if spec is None or spec.num_params != size:
+        return None
+    names = []
+    for name, shape in spec.shapes.items():
+        for idx in np.ndindex(*shape):
+            names.append(f"{name}[{','.join(map(str, idx))}]")
+    return names
+
+
+def _labels(t: torch.Tensor, batch: TaskBatch) -> np.ndarray:
+    """``[T, N, 1]`` regression targets -> ``[T, N]``; class labels stay ``[T, N]``."""
+    return _np(t[..., 0] if t.dim() == 3 and t.shape[-1] == 1 else t)
+
+
+def to_inference_data(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed: int = 0,
+                      prediction: Prediction | None = None) -> az.InferenceData:
+    """An ``InferenceData`` of ``learner``'s posterior on the tasks of ``batch``.
+
+    Guide draws are independent, so they are one chain of ``num_samples`` draws. Groups and dims:
+
+    - ``posterior``: every guide latent site; per-task sites ``(chain, draw, task, <site>_dim)``,
+      global ones ``(chain, draw, <site>_dim)``; weight coordinates are the network's parameter
+      names (``w0[3,0]``) when the learner's model has a functional ``net``.
+    - ``posterior_predictive``: ``y_query`` ``(chain, draw, task, query)``.
+    - ``log_likelihood``: ``y_query``: ``log p(y_tq | phi_s)``, ``(chain, draw, task, query)``.
+    - ``observed_data``: ``y_query (task, query)``.
+    - ``constant_data``: ``x_query (task, query)``, ``x_support``, ``y_support (task, support)``.
+
+    :param prediction: reuse draws from :func:`pyro_meta.evaluate.predict` instead of drawing again.
+    """
+    pred = prediction if prediction is not None else predict(learner, batch, num_samples, seed)
+    if pred.log_lik is None:
+        raise ValueError("to_inference_data needs query labels (batch.y_query) for the log-likelihood")
+    t, q = batch.num_tasks, batch.num_query
+    coords: dict[str, Any] = {"task": np.arange(t), "query": np.arange(q),
+                              "support": np.arange(batch.num_support)}
+    dims: dict[str, list[str]] = {}
+    posterior = {}
+    for name, v in pred.latents.items():
+        per_task = name in pred.per_task
+        event = v.shape[2:] if per_task else v.shape[1:]
+        arr = _np(v).reshape((1, v.shape[0]) + ((t,) if per_task else ()) + (int(np.prod(event)),) if event else
+                             (1, v.shape[0]) + ((t,) if per_task else ()))
+        posterior[name] = arr
+        site_dims = ["task"] if per_task else []
+        if event:
+            dim = f"{name}_dim"
+            site_dims.append(dim)
+            coords[dim] = _weight_names(learner, arr.shape[-1]) or np.arange(arr.shape[-1])
+        dims[name] = site_dims
+    y_draws = pred.y_draws
+    if y_draws.dim() == 4 and y_draws.shape[-1] == 1:
+        y_draws = y_draws[..., 0]
+    posterior_predictive = {QUERY_SITE: _np(y_draws)[None]}
+    log_likelihood = {QUERY_SITE: _np(pred.log_lik)[None]}
+    dims[QUERY_SITE] = ["task", "query"]
+    x_q = batch.x_query.flatten(2)
+    x_s = batch.x_support.flatten(2)
+    constant = {
+        "x_query": _np(x_q[..., 0] if x_q.shape[-1] == 1 else x_q),
+        "x_support": _np(x_s[..., 0] if x_s.shape[-1] == 1 else x_s),
+        "y_support": _labels(batch.y_support, batch),
+    }
+    dims["x_query"] = ["task", "query"] + (["x_dim"] if x_q.shape[-1] > 1 else [])
+    dims["x_support"] = ["task", "support"] + (["x_dim"] if x_s.shape[-1] > 1 else [])
+    dims["y_support"] = ["task", "support"]
+    return az.from_dict(
+        posterior=posterior,
+        posterior_predictive=posterior_predictive,
+        log_likelihood=log_likelihood,
+        observed_data={QUERY_SITE: _labels(batch.y_query, batch)},
+        constant_data=constant,
+        coords=coords,
+        dims=dims,
+        attrs={"learner": learner.name, "inference": "guide draws (independent), one chain"},
+    )

@@ -1,0 +1,178 @@
+"""``pyro-meta``: train / evaluate / inspect / list / demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig
+from .methods import METHODS, resolve
+from .tasks import BENCHMARKS, ProtocolError, TaskBatchError
+from .train import CheckpointError, NonFiniteError
+
+# CLI flag -> RunConfig field (only the flags a user gave are applied, so --resume can tell them apart)
+TRAIN_FLAGS = {
+    "method": "method", "shots": "shots", "steps": "steps", "meta_batch": "meta_batch",
+    "inner_steps": "inner_steps", "device": "device", "seed": "seed", "first_order": "first_order",
+    "skip_nonfinite": "skip_nonfinite", "inner_lr": "inner_lr", "meta_lr": "meta_lr",
+}
+
+# The demo's budget: small enough for 2 CPU cores in under 5 minutes, large enough to learn.
+DEMO_STEPS = {"maml": 3000, "abml": 2000}
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="meta-train a method on a benchmark into a run directory")
+    S = argparse.SUPPRESS
+    p.add_argument("benchmark", nargs="?", default=S, help=f"one of: {', '.join(sorted(BENCHMARKS))}")
+    p.add_argument("--method", default=S, help=f"one of: {', '.join(sorted(METHODS))} (default maml)")
+    p.add_argument("--shots", type=int, default=S, help="support points per task (default 5)")
+    p.add_argument("--steps", type=int, default=S, help="meta-updates (default 70000, MAML's)")
+    p.add_argument("--meta-batch", dest="meta_batch", type=int, default=S, help="tasks per meta-batch (25)")
+    p.add_argument("--inner-steps", dest="inner_steps", type=int, default=S, help="K in meta-training")
+    p.add_argument("--inner-lr", dest="inner_lr", type=float, default=S, help="inner SGD step size")
+    p.add_argument("--meta-lr", dest="meta_lr", type=float, default=S, help="Adam step size (1e-3)")
+    p.add_argument("--first-order", dest="first_order", action="store_true", default=S,
+                   help="drop second-order terms of the meta-gradient")
+    p.add_argument("--skip-nonfinite", dest="skip_nonfinite", action="store_true", default=S,
+                   help="skip meta-batches whose loss or gradient is NaN/inf instead of stopping")
+    p.add_argument("--device", default=S, help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--seed", type=int, default=S, help="seed of initialization and training tasks (0)")
+    p.add_argument("--config", type=Path, help="JSON file of RunConfig settings (flags override it)")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<benchmark>-<method>-<shots>shot-s<seed>)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyro-meta", description="Bayesian meta-learning as Pyro programs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    p = sub.add_parser("evaluate", help="recompute eval.json of a run on the fixed test tasks")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--device", default=None)
+    p = sub.add_parser("inspect", help="ArviZ summary of a run's posterior; posterior and PPC plots")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--max-weights", type=int, default=8, help="weights shown in the summary (8)")
+    sub.add_parser("list", help="the benchmarks and methods")
+    p = sub.add_parser("demo", help="MAML vs ABML on 5-shot sinusoid regression, a few minutes on a CPU")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--steps-scale", type=float, default=1.0, help="scale the demo's step budget")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    return {TRAIN_FLAGS[k]: v for k, v in vars(args).items() if k in TRAIN_FLAGS}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .run import train_run
+
+    given = _given(args)
+    if getattr(args, "benchmark", None) is not None:
+        given["benchmark"] = args.benchmark
+    if args.resume is not None:
+        if args.config is not None:
+            raise ConfigError("--resume reads the run's own config.json; do not pass --config with it")
+        out, res = train_run(RunConfig(), args.resume, resume=True, progress=not args.no_progress,
+                             overrides=given)
+    else:
+        base = RunConfig.load(args.config).to_dict() if args.config else {}
+        base.update(given)
+        cfg = resolve(RunConfig.from_dict(base, source="command line"))
+        out = args.out or Path("runs") / f"{cfg.benchmark}-{cfg.method}-{cfg.shots}shot-s{cfg.seed}"
+        out, res = train_run(cfg, out, progress=not args.no_progress)
+    print(f"trained {res.step} steps in {res.seconds:.1f} s ({res.skipped} skipped); run directory: {out}")
+    ev = out / "eval.json"
+    if ev.exists():
+        from .run import format_metrics_table
+
+        print(format_metrics_table([json.loads(ev.read_text())]))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .run import evaluate_run, format_metrics_table, load_run
+
+    cfg, learner, bm = load_run(args.run_dir, device=args.device)
+    report = evaluate_run(args.run_dir, cfg, learner, bm)
+    print(format_metrics_table([report]))
+    print(f"wrote {args.run_dir / 'eval.json'}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_run
+
+    print(inspect_run(args.run_dir, max_weights=args.max_weights))
+    return 0
+
+
+def cmd_list(_: argparse.Namespace) -> int:
+    print("benchmarks:")
+    for k, v in sorted(BENCHMARKS.items()):
+        print(f"  {k:<15} {v}")
+    print("methods:")
+    for k, m in sorted(METHODS.items()):
+        print(f"  {k:<15} {m.description}")
+    print("settings (RunConfig, for --config JSON files):")
+    print("  " + ", ".join(f.name for f in fields(RunConfig)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .plots import plot_regression_tasks
+    from .run import format_metrics_table, train_run
+
+    t0 = time.perf_counter()
+    reports, learners = [], []
+    for method, steps in DEMO_STEPS.items():
+        cfg = resolve(RunConfig(benchmark="sinusoid", method=method, shots=5, device=args.device,
+                                steps=max(1, int(steps * args.steps_scale)), log_every=50,
+                                checkpoint_every=500))
+        out = args.out / method
+        if (out / "checkpoint.pt").exists():
+            out, _ = train_run(cfg, out, resume=True, progress=not args.no_progress,
+                               overrides={"steps": cfg.steps, "device": args.device})
+        else:
+            out, _ = train_run(cfg, out, progress=not args.no_progress)
+        from .run import load_run
+
+        cfg, learner, bm = load_run(out)
+        learners.append((method, learner, max(cfg.eval_samples, 1)))
+        reports.append(json.loads((out / "eval.json").read_text()))
+    plot = plot_regression_tasks(learners, bm.test, bm.family, args.out / "maml_vs_abml.png")
+    print(f"\n5-shot sinusoid, {reports[0]['num_test_tasks']} fixed test tasks x {reports[0]['eval_queries']} "
+          f"query points (mean +- 95% CI over tasks):")
+    print(format_metrics_table(reports))
+    print(f"\nrun directories: {', '.join(str(args.out / m) for m in DEMO_STEPS)}; comparison plot: {plot}")
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "list": cmd_list,
+            "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, CheckpointError, ProtocolError, TaskBatchError, NonFiniteError, ValueError) as e:
+        print(f"pyro-meta {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is on disk: continue with `pyro-meta train --resume DIR`",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

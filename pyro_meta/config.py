@@ -1,0 +1,128 @@
+"""RunConfig: every choice a run makes, resolved before it starts and written to ``config.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used: unknown keys, wrong types, or a resume that differs."""
+
+
+@dataclass
+class RunConfig:
+    """The settings of one meta-training run. ``None`` means "the method's default" and is replaced
+    by a concrete value in :func:`pyro_meta.methods.resolve`."""
+
+    # what
+    benchmark: str = "sinusoid"
+    method: str = "maml"
+    # protocol
+    shots: int = 5
+    queries: int | None = None  # query points per training task; default = shots (MAML's K/K split)
+    meta_batch: int = 25
+    eval_queries: int = 100
+    num_val_tasks: int = 100
+    num_test_tasks: int = 600
+    # network
+    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    activation: str = "relu"
+    # optimization
+    steps: int = 70_000
+    meta_lr: float = 1e-3
+    grad_clip: float = 10.0
+    # inner loop
+    inner_steps: int | None = None
+    inner_steps_eval: int | None = None
+    inner_lr: float | None = None
+    first_order: bool = False
+    # likelihood
+    noise_std: float | None = None
+    learn_noise: bool | None = None
+    # ABML
+    prior_init_std: float | None = None
+    inner_samples: int | None = None
+    kl_weight_inner: float | None = None
+    kl_weight_outer: float | None = None
+    # evaluation
+    eval_samples: int | None = None
+    # run
+    seed: int = 0
+    device: str = "cpu"
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    skip_nonfinite: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object of settings, got {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        cfg = cls(**data)
+        cfg.check(source)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid JSON: {e}") from None
+        data.pop("resolved", None)
+        return cls.from_dict(data, source=str(path))
+
+    def check(self, source: str = "config") -> None:
+        """Types and ranges of every field, with messages that say what was expected."""
+        def want(cond: bool, name: str, expected: str) -> None:
+            if not cond:
+                raise ConfigError(f"{source}: {name} must be {expected}, got {getattr(self, name)!r}")
+
+        def pos_int(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            ok = (v is None and allow_none) or (
+                isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if allow_zero else v >= 1))
+            want(ok, name, "a " + ("non-negative" if allow_zero else "positive") + " integer")
+
+        def pos_float(name: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+            v = getattr(self, name)
+            ok = (v is None and allow_none) or (
+                isinstance(v, (int, float)) and not isinstance(v, bool) and (v >= 0 if allow_zero else v > 0)
+                and v == v and v != float("inf"))
+            want(ok, name, "a " + ("non-negative" if allow_zero else "positive") + " finite number")
+
+        for name in ("benchmark", "method", "activation", "device"):
+            want(isinstance(getattr(self, name), str), name, "a string")
+        for name in ("shots", "meta_batch", "eval_queries", "num_val_tasks", "num_test_tasks", "steps",
+                     "log_every", "checkpoint_every"):
+            pos_int(name)
+        pos_int("queries", allow_none=True)
+        pos_int("inner_steps", allow_none=True, allow_zero=True)
+        pos_int("inner_steps_eval", allow_none=True, allow_zero=True)
+        pos_int("inner_samples", allow_none=True)
+        pos_int("eval_samples", allow_none=True)
+        want(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer")
+        for name in ("meta_lr", "grad_clip"):
+            pos_float(name)
+        for name in ("inner_lr", "noise_std", "prior_init_std"):
+            pos_float(name, allow_none=True)
+        for name in ("kl_weight_inner", "kl_weight_outer"):
+            pos_float(name, allow_none=True, allow_zero=True)
+        for name in ("first_order", "skip_nonfinite"):
+            want(isinstance(getattr(self, name), bool), name, "true or false")
+        want(self.learn_noise is None or isinstance(self.learn_noise, bool), "learn_noise", "true, false or null")
+        want(isinstance(self.hidden, (list, tuple)) and len(self.hidden) >= 1
+             and all(isinstance(h, int) and h >= 1 for h in self.hidden), "hidden",
+             "a non-empty list of positive integers")
+        self.hidden = list(self.hidden)

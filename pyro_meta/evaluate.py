@@ -1,0 +1,169 @@
+"""Posterior predictive of a MetaLearner on fixed evaluation tasks, and its metrics."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor
+
+from . import metrics as M
+from .learner import MetaLearner
+from .tasks import TaskBatch
+
+QUERY_SITE = "y_query"
+SAMPLES_DIM = -3  # left of the tasks plate (-2) and the points plate (-1)
+
+
+@dataclass
+class Prediction:
+    """Posterior-predictive draws on the query points of ``T`` tasks (``S`` draws).
+
+    - ``latents``: guide sample sites; per-task sites ``[S, T, ...]``, global ones ``[S, ...]``.
+    - ``per_task``: names of the per-task latent sites.
+    - ``mean``, ``stddev``: ``[S, T, Q, O]`` the predictive mean and std of ``p(y | phi_s)``.
+    - ``log_lik``: ``[S, T, Q]`` ``log p(y_tq | phi_s)`` (``None`` without query labels).
+    - ``y_draws``: ``[S, T, Q, ...]`` one draw of ``y`` from each ``p(y | phi_s)``.
+    - ``gaussian``: whether ``p(y | phi)`` is a (possibly independent) Normal, so the mixture's
+      quantiles are exact.
+    """
+
+    latents: dict[str, Tensor]
+    per_task: tuple[str, ...]
+    mean: Tensor
+    stddev: Tensor | None
+    log_lik: Tensor | None
+    y_draws: Tensor
+    gaussian: bool
+
+    @property
+    def num_samples(self) -> int:
+        return self.mean.shape[0]
+
+
+def _base(fn: dist.Distribution) -> dist.Distribution:
+    while isinstance(fn, (dist.Independent, torch.distributions.Independent)):
+        fn = fn.base_dist
+    return fn
+
+
+def _rng(seed: int | None, device: torch.device):
+    if seed is None:
+        return contextlib.nullcontext()
+    devices = [device] if device.type == "cuda" else []
+    ctx = torch.random.fork_rng(devices=devices)
+
+    @contextlib.contextmanager
+    def seeded():
+        with ctx:
+            pyro.set_rng_seed(seed)
+            yield
+
+    return seeded()
+
+
+def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int):
+    with pyro.plate("samples", num_samples, dim=SAMPLES_DIM):
+        guide_tr = poutine.trace(learner.guide).get_trace(batch)
+        model_tr = poutine.trace(poutine.replay(learner.model, trace=guide_tr)).get_trace(batch)
+    if QUERY_SITE not in model_tr.nodes:
+        raise ValueError(f"the model has no sample site named {QUERY_SITE!r}; the evaluator reads the "
+                         "query predictive from it")
+    site = model_tr.nodes[QUERY_SITE]
+    fn = site["fn"]
+    latents, per_task = {}, []
+    for name, node in guide_tr.nodes.items():
+        if node["type"] != "sample" or node["is_observed"] or site_is_subsample(node):
+            continue
+        v = node["value"].detach()
+        e = node["fn"].event_dim
+        v = v.expand((num_samples,) + v.shape[1:]) if v.shape[0] == 1 else v
+        if "tasks" in {f.name for f in node["cond_indep_stack"]}:
+            per_task.append(name)
+            v = v.squeeze(-(e + 1))  # S T 1 *event -> S T *event
+        else:
+            v = v.reshape(num_samples, *v.shape[v.dim() - e:])  # S 1 1 *event -> S *event
+        latents[name] = v
+    y = batch.y_query
+    base = _base(fn)
+    gaussian = isinstance(base, torch.distributions.Normal)
+    mean = fn.mean if batch.y_query is None or batch.y_query.is_floating_point() else fn.probs
+    return {
+        "latents": latents,
+        "per_task": tuple(per_task),
+        "mean": mean.detach().expand((num_samples,) + mean.shape[1:]),
+        "stddev": base.scale.detach().expand_as(mean) if gaussian else None,
+        "log_lik": fn.log_prob(y).detach() if y is not None else None,
+        "y_draws": (site["value"] if y is None else fn.sample()).detach(),
+        "gaussian": gaussian,
+    }
+
+
+def predict(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed: int | None = 0,
+            task_chunk: int = 100) -> Prediction:
+    """Draw ``num_samples`` posterior-predictive samples for every task of ``batch``.
+
+    The guide runs (its inner loop included) once per chunk of ``task_chunk`` tasks; samples are
+    vectorized by a ``pyro.plate("samples", S, dim=-3)`` around guide and model. A ``seed`` makes the
+    draws reproducible without touching the caller's RNG state.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    was_training = learner.training
+    learner.eval()
+    device = batch.x_support.device
+    chunks = []
+    try:
+        with torch.no_grad(), _rng(seed, device):
+            for start in range(0, batch.num_tasks, task_chunk):
+                sub = batch.select(slice(start, start + task_chunk))
+                chunks.append(_predict_chunk(learner, sub, num_samples))
+    finally:
+        learner.train(was_training)
+    first = chunks[0]
+
+    def cat(key):
+        if first[key] is None:
+            return None
+        return torch.cat([c[key] for c in chunks], dim=1)
+
+    latents = {}
+    for name, v in first["latents"].items():
+        latents[name] = torch.cat([c["latents"][name] for c in chunks], 1) if name in first["per_task"] else v
+    return Prediction(latents, first["per_task"], cat("mean"), cat("stddev"), cat("log_lik"),
+                      cat("y_draws"), first["gaussian"])
+
+
+def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str, float]]:
+    """MSE of the predictive mean, NLL of the predictive mixture, and 50%/90% central-interval
+    coverage, each as ``{"mean", "ci95", "n"}`` over tasks."""
+    y = batch.y_query
+    if y is None:
+        raise ValueError("metrics need query labels; this TaskBatch has y_query=None")
+    out = {
+        "mse": M.mean_ci(M.squared_error(pred.mean.mean(0), y)),
+        "nll": M.mean_ci(M.mixture_nll(pred.log_lik.flatten(2) if pred.log_lik.dim() > 3 else pred.log_lik)),
+    }
+    for level in (0.5, 0.9):
+        if pred.gaussian:
+            lo = M.gaussian_mixture_quantile((1 - level) / 2, pred.mean, pred.stddev)
+            hi = M.gaussian_mixture_quantile((1 + level) / 2, pred.mean, pred.stddev)
+        else:
+            lo = torch.quantile(pred.y_draws.float(), (1 - level) / 2, dim=0)
+            hi = torch.quantile(pred.y_draws.float(), (1 + level) / 2, dim=0)
+        out[f"coverage{int(level * 100)}"] = M.mean_ci(M.interval_coverage(y, lo, hi))
+    return out
+
+
+def evaluate(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed: int = 0,
+             task_chunk: int = 100) -> tuple[dict[str, dict[str, float]], Prediction]:
+    """Metrics of ``learner`` on ``batch`` (fixed evaluation tasks) and the draws behind them."""
+    pred = predict(learner, batch, num_samples, seed, task_chunk)
+    if batch.is_classification:
+        raise NotImplementedError("classification metrics arrive with the Omniglot issue")
+    return regression_metrics(pred, batch), pred

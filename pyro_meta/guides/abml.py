@@ -1,0 +1,96 @@
+"""ABML's guide (Ravi & Beatson, ICLR 2019).
+
+- theta = (mu_theta, tau_theta): MAP point estimates (Delta sites ``prior_loc``, ``prior_precision``).
+- q(phi_t) = N(mu_t, exp(s_t)): K SGD steps on the support-set ELBO
+  ``E_q[-log p(y_support | phi)] + KL(q || N(mu_theta, tau_theta^{-1/2}))``, started at
+  ``(mu_theta, -log(tau_theta)/2)``, i.e. at the prior.
+
+Variance parameterization: q keeps a log std ``s`` (clamped to [LOG_STD_MIN, LOG_STD_MAX] where it is
+exponentiated), the prior a precision ``tau = exp(r) + PRECISION_FLOOR`` (``r`` clamped at
+LOG_PRECISION_MAX). Neither can go
+negative, and the closed-form KL multiplies by tau instead of dividing by a variance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import Tensor, nn
+
+from ..infer import sgd_adapt
+from ..models.base import TASK_DIM, WeightSpaceModel, tasks_plate
+from ..tasks import TaskBatch
+
+LOG_STD_MIN, LOG_STD_MAX = -15.0, 5.0
+PRECISION_FLOOR = 1e-6
+LOG_PRECISION_MAX = 40.0
+
+
+def gaussian_kl(mu: Tensor, log_std: Tensor, loc: Tensor, precision: Tensor) -> Tensor:
+    """Elementwise ``KL(N(mu, exp(log_std)) || N(loc, precision^{-1/2}))``."""
+    var = torch.exp(2 * log_std.clamp(LOG_STD_MIN, LOG_STD_MAX))
+    return 0.5 * (precision * (var + (mu - loc) ** 2) - 1.0 - torch.log(precision) - 2 * log_std)
+
+
+class ABMLGuide(PyroModule):
+    """:param model: an :class:`~pyro_meta.models.ABMLModel` (its ``net`` and ``likelihood``).
+    :param init_loc: initial prior mean ``[D]``; :param init_prior_std: initial prior std (scalar).
+    :param inner_steps: K in meta-training; :param inner_steps_eval: K at evaluation.
+    :param inner_lr: SGD step size on (mu, log std); the inner loss is the support ELBO divided by the
+        number of support points, so the step size does not depend on the shot count.
+    :param inner_samples: Monte Carlo samples of the expected log-likelihood in the inner loop.
+    :param kl_weight_inner: weight of the inner KL (1 = the exact support ELBO).
+    :param first_order: detach the inner gradients.
+    """
+
+    def __init__(self, model: WeightSpaceModel, init_loc: Tensor, init_prior_std: float = 0.1,
+                 inner_steps: int = 5, inner_steps_eval: int = 5, inner_lr: float = 0.01,
+                 inner_samples: int = 1, kl_weight_inner: float = 1.0, first_order: bool = False):
+        super().__init__()
+        if not init_prior_std > 0:
+            raise ValueError(f"init_prior_std must be positive, got {init_prior_std}")
+        # a reference, not a submodule: the model's parameters belong to the model alone
+        object.__setattr__(self, "model", model)
+        self.loc = nn.Parameter(init_loc.clone())
+        # log-precision: Adam's steps are then relative changes of the precision, at any scale
+        self.log_precision = nn.Parameter(torch.full_like(init_loc, -2.0 * math.log(init_prior_std)))
+        self.inner_steps, self.inner_steps_eval, self.inner_lr = inner_steps, inner_steps_eval, inner_lr
+        self.inner_samples, self.kl_weight_inner, self.first_order = inner_samples, kl_weight_inner, first_order
+
+    @property
+    def precision(self) -> Tensor:
+        return torch.exp(self.log_precision.clamp(max=LOG_PRECISION_MAX)) + PRECISION_FLOOR
+
+    def support_loss(self, mu: Tensor, log_std: Tensor, batch: TaskBatch, loc: Tensor, prec: Tensor) -> Tensor:
+        """Sum over tasks of each task's support ELBO loss per support point; ``mu, log_std [T, 1, D]``."""
+        eps = torch.randn((self.inner_samples,) + mu.shape, dtype=mu.dtype, device=mu.device)  # M T 1 D
+        phi = mu + torch.exp(log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)) * eps
+        f = self.model.net(phi.squeeze(TASK_DIM), batch.x_support)  # M T S O
+        nll = self.model.likelihood.point_loss(f, batch.y_support).sum(-1).mean(0)  # T
+        kl = gaussian_kl(mu, log_std, loc, prec).sum(-1).squeeze(-1)  # T
+        return ((nll + self.kl_weight_inner * kl) / batch.num_support).sum()
+
+    def adapt(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+        """``(mu, log_std)`` of each task's q, ``[T, 1, D]`` each."""
+        loc, prec = self.loc, self.precision
+        steps = self.inner_steps if self.training else self.inner_steps_eval
+        shape = (batch.num_tasks, 1, loc.shape[-1])
+        mu0 = loc.expand(shape)
+        s0 = (-0.5 * torch.log(prec)).expand(shape)
+        return sgd_adapt(lambda m, s: self.support_loss(m, s, batch, loc, prec), (mu0, s0), steps,
+                         self.inner_lr, self.first_order)
+
+    def forward(self, batch: TaskBatch) -> Tensor:
+        pyro.sample("prior_loc", dist.Delta(self.loc, event_dim=1))
+        pyro.sample("prior_precision", dist.Delta(self.precision, event_dim=1))
+        mu, log_std = self.adapt(batch)
+        with tasks_plate(batch.num_tasks), pyro.poutine.scale(scale=self.model.kl_weight):
+            scale = torch.exp(log_std.clamp(LOG_STD_MIN, LOG_STD_MAX))
+            return pyro.sample("phi", dist.Normal(mu, scale).to_event(1))
+
+    def prior_summary(self) -> dict[str, Tensor]:
+        return {"prior_loc": self.loc.detach(), "prior_std": self.precision.detach().rsqrt()}

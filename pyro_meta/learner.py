@@ -1,0 +1,62 @@
+"""MetaLearner: a Pyro model and guide over a TaskBatch, plus the objective that trains them."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import pyro
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from torch import Tensor, nn
+
+from .tasks import TaskBatch
+
+# Parameters declared with pyro.param / PyroParam inside a PyroModule belong to that module (so a
+# plain torch optimizer, DDP and state_dict() see them), not to Pyro's global param store.
+pyro.settings.set(module_local_params=True)
+
+
+class Objective(Protocol):
+    """Anything with Pyro's ``differentiable_loss(model, guide, *args)`` (every Pyro ELBO does)."""
+
+    def differentiable_loss(self, model: Any, guide: Any, *args: Any) -> Tensor: ...
+
+
+class MetaLearner(nn.Module):
+    """The unit the trainer, evaluator and ArviZ export work on.
+
+    :param model: a Pyro program ``model(batch: TaskBatch)`` that observes the query labels at a site
+        named ``"y_query"`` (one factor per point, tasks plate at ``dim=-2``, points at ``dim=-1``).
+    :param guide: a Pyro program ``guide(batch)`` that conditions on the support set only.
+    :param objective: default ``Trace_ELBO()``; any object with ``differentiable_loss``.
+    :param name: a label for logs and plots.
+    :param protocol: the method's resolved settings, written into the run's config.
+
+    The loss is divided by the number of tasks: a meta-batch's loss is the mean over its tasks.
+
+    Example::
+
+        learner = MetaLearner(MyModel(), MyGuide(), name="mine")
+        loss = learner.loss(batch)   # scalar, differentiable w.r.t. learner.parameters()
+    """
+
+    def __init__(self, model: nn.Module, guide: nn.Module, objective: Objective | None = None,
+                 name: str = "custom", protocol: dict | None = None):
+        super().__init__()
+        if not callable(model) or not callable(guide):
+            raise TypeError("model and guide must be callables (Pyro programs) taking a TaskBatch")
+        self.model, self.guide = model, guide
+        self.objective = objective if objective is not None else Trace_ELBO()
+        self.name = name
+        self.protocol = dict(protocol or {})
+
+    def loss(self, batch: TaskBatch) -> Tensor:
+        """Mean over tasks of the negative objective (``-ELBO`` per task for an ELBO)."""
+        if not isinstance(batch, TaskBatch):
+            raise TypeError(f"expected a TaskBatch, got {type(batch).__name__}")
+        if batch.y_query is None:
+            raise ValueError("training needs query labels; this TaskBatch has y_query=None")
+        with poutine.scale(scale=1.0 / batch.num_tasks):
+            return self.objective.differentiable_loss(self.model, self.guide, batch)
+
+    forward = loss

@@ -1,0 +1,85 @@
+"""Observation models p(y | f): network outputs ``f [..., T, N, O]`` -> a distribution with batch
+shape ``[..., T, N]`` (one factor per data point, so Pyro's plates and per-point log-likelihoods line up)."""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _inv_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class Likelihood(nn.Module):
+    """Base class: ``forward(f)`` returns ``p(y | f)`` with batch shape ``f.shape[:-1]``."""
+
+    def forward(self, f: Tensor) -> dist.Distribution:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def point_loss(self, f: Tensor, y: Tensor) -> Tensor:
+        """``-log p(y | f)`` per point: ``[..., T, N]``."""
+        return -self(f).log_prob(y)
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+
+class Gaussian(Likelihood):
+    """``y ~ Normal(f, sigma)`` over ``O`` outputs (an event of size ``O``).
+
+    :param noise_std: the fixed noise std, or the initial one when ``learn_noise``.
+    :param learn_noise: make sigma a meta-parameter, ``sigma = softplus(r) + min_noise`` so it is
+        always positive and never reaches zero.
+    :param min_noise: the floor of a learned sigma.
+    """
+
+    def __init__(self, noise_std: float = 1.0, learn_noise: bool = False, min_noise: float = 1e-3):
+        super().__init__()
+        if not noise_std > 0 or not math.isfinite(noise_std):
+            raise ValueError(f"noise_std must be a positive finite number, got {noise_std!r}")
+        self.learn_noise, self.min_noise = learn_noise, min_noise
+        if learn_noise:
+            if noise_std <= min_noise:
+                raise ValueError(f"initial noise_std {noise_std} must exceed min_noise {min_noise}")
+            self.raw_noise = nn.Parameter(torch.tensor(_inv_softplus(noise_std - min_noise)))
+        else:
+            self.register_buffer("fixed_noise", torch.tensor(float(noise_std)))
+
+    @property
+    def noise_std(self) -> Tensor:
+        if self.learn_noise:
+            return F.softplus(self.raw_noise) + self.min_noise
+        return self.fixed_noise
+
+    def forward(self, f: Tensor) -> dist.Distribution:
+        scale = self.noise_std.to(f.dtype).expand(f.shape)
+        return dist.Normal(f, scale).to_event(1)
+
+    def describe(self) -> dict:
+        return {"type": "gaussian", "noise_std": float(self.noise_std),
+                "learn_noise": self.learn_noise, "min_noise": self.min_noise if self.learn_noise else None}
+
+
+class Categorical(Likelihood):
+    """``y ~ Categorical(logits=f)``; ``f [..., T, N, C]``, labels ``[T, N]``."""
+
+    def forward(self, f: Tensor) -> dist.Distribution:
+        return dist.Categorical(logits=f)
+
+    def describe(self) -> dict:
+        return {"type": "categorical"}
+
+
+def make_likelihood(spec: dict) -> Likelihood:
+    """Build from a ``describe()``-style dict (used when a run is reloaded)."""
+    kind = spec.get("type")
+    if kind == "gaussian":
+        return Gaussian(spec["noise_std"], spec.get("learn_noise", False), spec.get("min_noise") or 1e-3)
+    if kind == "categorical":
+        return Categorical()
+    raise ValueError(f"unknown likelihood {kind!r}; known: gaussian, categorical")

@@ -1,0 +1,50 @@
+"""ABML (Ravi & Beatson, ICLR 2019) generative model.
+
+Hierarchy (``D`` weights of the task network)::
+
+    mu_theta  ~ N(0, 1)            [D]   hyperprior on the prior means      (site "prior_loc")
+    tau_theta ~ Gamma(1, 0.01)     [D]   hyperprior on the prior precisions (site "prior_precision")
+    for each task t (plate "tasks"):
+        phi_t ~ N(mu_theta, tau_theta^{-1/2})            [T, 1, D]
+        y_t   ~ p(y | net(phi_t, x))  on support and query
+
+theta = (mu_theta, tau_theta) is a MAP estimate (Delta guide sites in :mod:`pyro_meta.guides.abml`).
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from ..likelihoods import Likelihood
+from ..nn import FunctionalNet
+from ..tasks import TaskBatch
+from .base import WeightSpaceModel
+
+HYPER_LOC_STD = 1.0
+GAMMA_CONCENTRATION = 1.0
+GAMMA_RATE = 0.01
+
+
+class ABMLModel(WeightSpaceModel):
+    """:param net: task network; :param likelihood: observation model;
+    :param kl_weight: weight of the outer KL term (1 = the paper's ELBO)."""
+
+    def __init__(self, net: FunctionalNet, likelihood: Likelihood, kl_weight: float = 1.0):
+        super().__init__(net, likelihood, score="support+query", kl_weight=kl_weight)
+
+    def hyperprior(self, like: torch.Tensor) -> tuple[dist.Distribution, dist.Distribution]:
+        d = self.net.num_params
+        z = like.new_zeros(d)
+        return (
+            dist.Normal(z, HYPER_LOC_STD).to_event(1),
+            dist.Gamma(z + GAMMA_CONCENTRATION, z + GAMMA_RATE).to_event(1),
+        )
+
+    def phi_prior(self, batch: TaskBatch) -> dist.Distribution:
+        loc_prior, prec_prior = self.hyperprior(batch.x_support)
+        loc = pyro.sample("prior_loc", loc_prior)  # [..., D]
+        precision = pyro.sample("prior_precision", prec_prior)  # [..., D]
+        # batch shape [] (or [S, 1, 1] under an outer samples plate) broadcasts over the tasks plate
+        return dist.Normal(loc, precision.rsqrt()).to_event(1)

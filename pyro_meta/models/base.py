@@ -1,0 +1,85 @@
+"""What the weight-space models share: per-task weights in a tasks plate feeding a functional net.
+
+Plate layout (every built-in model and guide uses it; a user model should too, so the evaluator and
+the ArviZ export can add a samples dimension on the left):
+
+- ``tasks``: ``dim=-2``, size ``T``; per-task weight sites have batch shape ``[T, 1]`` and event
+  ``[D]`` (value ``[T, 1, D]``).
+- ``<site>_points``: ``dim=-1``, size ``N``; one observation factor per data point.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+from pyro import poutine
+from pyro.nn import PyroModule
+from torch import Tensor
+
+from ..likelihoods import Likelihood
+from ..nn import FunctionalNet
+from ..tasks import TaskBatch
+
+TASK_DIM = -2
+POINT_DIM = -1
+SCORE_CHOICES = ("query", "support+query")
+
+
+def tasks_plate(num_tasks: int) -> pyro.plate:
+    return pyro.plate("tasks", num_tasks, dim=TASK_DIM)
+
+
+def observe(name: str, likelihood: Likelihood, f: Tensor, y: Tensor | None, mean: bool = False) -> Tensor:
+    """Observation site ``name``: ``y ~ likelihood(f)`` with one factor per point.
+
+    :param f: network outputs ``[..., T, N, O]``; :param y: ``[T, N, O]`` / ``[T, N]`` or ``None``.
+    :param mean: average over the ``N`` points instead of summing (MAML's mean-squared-error loss).
+    """
+    n = f.shape[-2]
+    with pyro.plate(f"{name}_points", n, dim=POINT_DIM), poutine.scale(scale=1.0 / n if mean else 1.0):
+        return pyro.sample(name, likelihood(f), obs=y)
+
+
+class WeightSpaceModel(PyroModule):
+    """``phi_t ~ prior`` per task; ``y ~ p(y | net(phi_t, x))`` for the scored sets.
+
+    Subclasses provide :meth:`phi_prior` (which may sample global sites first, e.g. a hyperprior).
+
+    :param net: the functional task network.
+    :param likelihood: the observation model.
+    :param score: ``"query"`` (MAML: the outer loss scores the query set) or ``"support+query"``
+        (ABML: the ELBO of the whole task). ``y_query`` is always a site, so prediction works.
+    :param mean_over_points: average each set's log-likelihood over its points (MAML's MSE).
+    :param kl_weight: scale on the ``phi`` site's prior and guide terms (1 = the exact ELBO).
+    """
+
+    def __init__(
+        self,
+        net: FunctionalNet,
+        likelihood: Likelihood,
+        score: str = "support+query",
+        mean_over_points: bool = False,
+        kl_weight: float = 1.0,
+    ):
+        super().__init__()
+        if score not in SCORE_CHOICES:
+            raise ValueError(f"score must be one of {SCORE_CHOICES}, got {score!r}")
+        self.net, self.likelihood = net, likelihood
+        self.score, self.mean_over_points, self.kl_weight = score, mean_over_points, kl_weight
+
+    def phi_prior(self, batch: TaskBatch) -> dist.Distribution:
+        """The prior over one task's flat weights: batch shape ``[..., 1, 1]`` or ``[]``, event ``[D]``."""
+        raise NotImplementedError
+
+    def forward(self, batch: TaskBatch) -> Tensor:
+        prior = self.phi_prior(batch)
+        with tasks_plate(batch.num_tasks):
+            with poutine.scale(scale=self.kl_weight):
+                phi = pyro.sample("phi", prior)  # [..., T, 1, D]
+            w = phi.squeeze(TASK_DIM)  # ..., T, D
+            if self.score == "support+query":
+                observe("y_support", self.likelihood, self.net(w, batch.x_support), batch.y_support,
+                        self.mean_over_points)
+            observe("y_query", self.likelihood, self.net(w, batch.x_query), batch.y_query,
+                    self.mean_over_points)
+        return phi

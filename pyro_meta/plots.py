@@ -1,0 +1,96 @@
+"""Pictures of what a learner believes: predictive bands on regression tasks, training curves."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from . import metrics as M  # noqa: E402
+from .evaluate import predict  # noqa: E402
+from .learner import MetaLearner  # noqa: E402
+from .tasks import RegressionFamily, TaskBatch  # noqa: E402
+
+
+def _grid_batch(batch: TaskBatch, x_range: tuple[float, float], n: int = 200) -> TaskBatch:
+    grid = torch.linspace(*x_range, n, dtype=batch.x_support.dtype, device=batch.x_support.device)
+    xq = grid[None, :, None].expand(batch.num_tasks, n, 1).contiguous()  # T n 1
+    return TaskBatch(batch.x_support, batch.y_support, xq, None, batch.info)
+
+
+def predictive_bands(learner: MetaLearner, batch: TaskBatch, x_range: tuple[float, float],
+                     num_samples: int = 100, seed: int = 0, n: int = 200) -> dict[str, torch.Tensor]:
+    """Predictive mean and 50%/90% central intervals on a grid of ``n`` inputs, per task ``[T, n]``."""
+    g = _grid_batch(batch, x_range, n)
+    pred = predict(learner, g, num_samples, seed)
+    out = {"x": g.x_query[..., 0], "mean": pred.mean.mean(0)[..., 0]}
+    for level in (0.5, 0.9):
+        for side, p in (("lo", (1 - level) / 2), ("hi", (1 + level) / 2)):
+            if pred.gaussian:
+                v = M.gaussian_mixture_quantile(p, pred.mean, pred.stddev)
+            else:
+                v = torch.quantile(pred.y_draws.float(), p, dim=0)
+            out[f"{side}{int(level * 100)}"] = v[..., 0]
+    return out
+
+
+def plot_regression_tasks(learners: Sequence[tuple[str, MetaLearner, int]], batch: TaskBatch,
+                          family: RegressionFamily, path: str | Path, tasks: Sequence[int] = (0, 1, 2, 3),
+                          seed: int = 0) -> Path:
+    """One panel per task: true function, support (dots) and query (crosses) points, and each
+    learner's predictive mean with 50% and 90% bands. ``learners``: ``(label, learner, samples)``."""
+    tasks = [t for t in tasks if t < batch.num_tasks]
+    sub = batch.select(list(tasks))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    grid = torch.linspace(*family.x_range, 200)[None, :, None].expand(len(tasks), 200, 1)
+    truth = family.function({k: v.cpu() for k, v in sub.info.items()}, grid)[..., 0] if sub.info else None
+    bands = [(label, predictive_bands(lr, sub, family.x_range, s, seed)) for label, lr, s in learners]
+    for j, ax in enumerate(axes[0]):
+        if truth is not None:
+            ax.plot(grid[j, :, 0], truth[j], color="black", lw=1.2, label="true function")
+        for (label, b), c in zip(bands, colors):
+            x = b["x"][j].cpu()
+            ax.fill_between(x, b["lo90"][j].cpu(), b["hi90"][j].cpu(), color=c, alpha=0.15, lw=0)
+            ax.fill_between(x, b["lo50"][j].cpu(), b["hi50"][j].cpu(), color=c, alpha=0.25, lw=0)
+            ax.plot(x, b["mean"][j].cpu(), color=c, lw=1.5, label=f"{label} mean, 50/90% bands")
+        if sub.y_query is not None:
+            ax.scatter(sub.x_query[j, :, 0].cpu(), sub.y_query[j, :, 0].cpu(), marker="x", s=10,
+                       color="gray", alpha=0.6, label="query")
+        ax.scatter(sub.x_support[j, :, 0].cpu(), sub.y_support[j, :, 0].cpu(), s=30, color="red",
+                   zorder=5, label="support")
+        ax.set_title(f"test task {tasks[j]}")
+        ax.set_xlabel("x")
+    axes[0, 0].set_ylabel("y")
+    axes[0, 0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curve(metrics_jsonl: str | Path, path: str | Path) -> Path | None:
+    """Meta-training loss against step, from a run's ``metrics.jsonl``."""
+    rows = [json.loads(l) for l in Path(metrics_jsonl).read_text().splitlines() if l.strip()]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel("meta-batch loss (per task)")
+    ax.set_yscale("symlog")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

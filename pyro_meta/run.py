@@ -1,0 +1,187 @@
+"""Run directories: train a configured method into a folder, reload it, evaluate, export, plot.
+
+A run directory holds ``config.json`` (every protocol choice, resolved), ``checkpoint.pt`` (written
+atomically), ``metrics.jsonl``, ``eval.json``, ``posterior.nc`` and ``plots/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from .arviz import to_inference_data
+from .config import ConfigError, RunConfig
+from .evaluate import evaluate, predict
+from .learner import MetaLearner
+from .methods import build_learner, protocol_of, resolve
+from .plots import plot_regression_tasks, plot_training_curve
+from .tasks import Benchmark, get_benchmark
+from .train import CHECKPOINT, METRICS, FitResult, fit, load_checkpoint, resolve_device
+
+CONFIG = "config.json"
+EVAL = "eval.json"
+POSTERIOR = "posterior.nc"
+# Settings that may change when a run is resumed: they do not change what is computed.
+RESUMABLE = ("steps", "device", "log_every", "checkpoint_every", "skip_nonfinite")
+# posterior.nc holds the first few test tasks: all 600 would be hundreds of MB of weight draws.
+EXPORT_TASKS = 20
+
+
+def benchmark_of(cfg: RunConfig) -> Benchmark:
+    return get_benchmark(cfg.benchmark, shots=cfg.shots, queries=cfg.queries, meta_batch=cfg.meta_batch,
+                         eval_queries=cfg.eval_queries, num_val_tasks=cfg.num_val_tasks,
+                         num_test_tasks=cfg.num_test_tasks, seed=cfg.seed)
+
+
+def protocol_config(cfg: RunConfig) -> dict[str, Any]:
+    """The part of a config that a resumed run must share with its checkpoint."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_config(run_dir: Path, cfg: RunConfig, bm: Benchmark) -> None:
+    data = cfg.to_dict()
+    data["resolved"] = {
+        "method_protocol": protocol_of(cfg),
+        "benchmark_protocol": bm.protocol,
+        "versions": {"pyro_meta": _version(), "torch": torch.__version__, "pyro": pyro.__version__,
+                     "python": platform.python_version()},
+    }
+    write_json_atomic(run_dir / CONFIG, data)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def read_config(run_dir: str | Path) -> RunConfig:
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a run directory: it has no {CONFIG}")
+    return resolve(RunConfig.load(run_dir / CONFIG))
+
+
+def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True,
+              stop_after: int | None = None, finalize_run: bool = True,
+              overrides: dict[str, Any] | None = None) -> tuple[Path, FitResult]:
+    """Meta-train ``cfg`` into the run directory ``out``; evaluate, export and plot at the end.
+
+    :param resume: continue ``out`` from its checkpoint. ``cfg`` is then read from ``out/config.json``
+        and ``overrides`` may change only :data:`RESUMABLE` settings; any other difference is an error.
+    :param stop_after: stop after this many steps (checkpointed), as an interruption would.
+    """
+    out = Path(out)
+    if resume:
+        saved = read_config(out)
+        load_checkpoint(out / CHECKPOINT)  # a missing or corrupted checkpoint fails here, nothing touched
+        overrides = dict(overrides or {})
+        clash = {k: (getattr(saved, k), v) for k, v in overrides.items()
+                 if k not in RESUMABLE and getattr(saved, k) != v}
+        if clash:
+            parts = "; ".join(f"{k}: run has {a!r}, given {b!r}" for k, (a, b) in sorted(clash.items()))
+            raise ConfigError(f"cannot resume {str(out)!r} with a different config ({parts}); start a new "
+                              f"run with another --out instead")
+        cfg = replace(saved, **{k: v for k, v in overrides.items() if k in RESUMABLE})
+    else:
+        cfg = resolve(cfg)
+        if (out / CHECKPOINT).exists() or (out / CONFIG).exists():
+            raise ConfigError(f"{str(out)!r} already holds a run; pass --resume to continue it, or choose "
+                              f"another --out (nothing was overwritten)")
+    resolve_device(cfg.device)
+    bm = benchmark_of(cfg)
+    torch.manual_seed(cfg.seed)
+    learner = build_learner(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, cfg, bm)
+    result = fit(learner, bm.train, cfg.steps, meta_lr=cfg.meta_lr, grad_clip=cfg.grad_clip, out_dir=out,
+                 resume=resume, run_config=protocol_config(cfg), device=cfg.device,
+                 log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                 skip_nonfinite=cfg.skip_nonfinite, progress=progress, stop_after=stop_after)
+    if finalize_run and result.step >= cfg.steps:
+        finalize(out, cfg, learner, bm)
+    return out, result
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> tuple[RunConfig, MetaLearner, Benchmark]:
+    """The config, the trained learner (from ``checkpoint.pt``) and the benchmark of a run."""
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    if device is not None:
+        cfg = replace(cfg, device=device)
+    ckpt = load_checkpoint(run_dir / CHECKPOINT)
+    learner = build_learner(cfg)
+    try:
+        learner.load_state_dict(ckpt["learner"])
+    except (RuntimeError, KeyError) as e:
+        raise ConfigError(f"checkpoint of {str(run_dir)!r} does not match its config.json: {e}") from None
+    learner.to(resolve_device(cfg.device))
+    return cfg, learner, benchmark_of(cfg)
+
+
+def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, learner: MetaLearner | None = None,
+                 bm: Benchmark | None = None) -> dict[str, Any]:
+    """Recompute ``eval.json`` on the benchmark's fixed test tasks."""
+    run_dir = Path(run_dir)
+    if learner is None:
+        cfg, learner, bm = load_run(run_dir)
+    assert cfg is not None and bm is not None
+    test = bm.test.to(cfg.device)
+    metrics, _ = evaluate(learner, test, num_samples=cfg.eval_samples, seed=cfg.seed)
+    ckpt_step = load_checkpoint(run_dir / CHECKPOINT)["step"] if (run_dir / CHECKPOINT).exists() else None
+    report = {"method": cfg.method, "benchmark": cfg.benchmark, "shots": cfg.shots, "step": ckpt_step,
+              "num_test_tasks": test.num_tasks, "eval_queries": cfg.eval_queries,
+              "eval_samples": cfg.eval_samples, "inner_steps_eval": cfg.inner_steps_eval,
+              "metrics": metrics}
+    write_json_atomic(run_dir / EVAL, report)
+    return report
+
+
+def export_run(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark) -> Path:
+    sub = bm.test.select(slice(0, EXPORT_TASKS)).to(cfg.device)
+    samples = max(cfg.eval_samples, 1)
+    pred = predict(learner, sub, samples, seed=cfg.seed)
+    idata = to_inference_data(learner, sub, prediction=pred)
+    tmp = run_dir / f".{POSTERIOR}.tmp"
+    idata.to_netcdf(str(tmp))
+    os.replace(tmp, run_dir / POSTERIOR)
+    return run_dir / POSTERIOR
+
+
+def finalize(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark) -> dict[str, Any]:
+    """``eval.json``, ``posterior.nc`` and the plots of a finished run."""
+    report = evaluate_run(run_dir, cfg, learner, bm)
+    export_run(run_dir, cfg, learner, bm)
+    plot_regression_tasks([(cfg.method, learner, max(cfg.eval_samples, 1))], bm.test.to(cfg.device),
+                          bm.family, run_dir / "plots" / "predictive.png", seed=cfg.seed)
+    if (run_dir / METRICS).exists():
+        plot_training_curve(run_dir / METRICS, run_dir / "plots" / "training_loss.png")
+    return report
+
+
+def format_metrics_table(reports: list[dict[str, Any]]) -> str:
+    """A plain-text table of test metrics (mean +- 95% CI over tasks), one row per run."""
+    cols = ("mse", "nll", "coverage50", "coverage90")
+    head = f"{'method':<8} {'shots':>5} " + " ".join(f"{c:>17}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        m = r["metrics"]
+        cells = " ".join(f"{m[c]['mean']:>9.3f} +-{m[c]['ci95']:>6.3f}" for c in cols)
+        lines.append(f"{r['method']:<8} {r['shots']:>5} {cells}")
+    return "\n".join(lines)

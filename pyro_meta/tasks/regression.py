@@ -1,0 +1,134 @@
+"""Toy regression task families: MAML's sinusoids and PLATIPUS's ambiguous sinusoid-or-line tasks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .batch import TaskBatch
+
+
+class ProtocolError(ValueError):
+    """A protocol setting (shots, queries, ways, ...) that the benchmark cannot provide."""
+
+
+@dataclass(frozen=True)
+class RegressionFamily:
+    """Base of 1-D regression task families ``y = f_task(x) + noise``.
+
+    Each task draws its parameters, then ``shots`` support and ``queries`` query points with
+    ``x ~ U[x_range]``. Evaluation tasks draw their support from a pool of :attr:`pool_size`
+    points, so the test functions are the same for every shot setting; asking for more shots
+    than the pool holds is a :class:`ProtocolError`.
+    """
+
+    x_range: tuple[float, float] = (-5.0, 5.0)
+    noise_std: float = 0.0
+    pool_size: int = 50
+
+    name = "regression"
+
+    def draw_params(self, n: int, g: torch.Generator) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def function(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The noiseless task function. ``params`` values ``[T]``, ``x`` ``[T, N, 1]`` -> ``[T, N, 1]``."""
+        raise NotImplementedError
+
+    def _x(self, n: int, m: int, g: torch.Generator) -> Tensor:
+        lo, hi = self.x_range
+        return lo + (hi - lo) * torch.rand(n, m, 1, generator=g)  # T N 1
+
+    def _y(self, params: dict[str, Tensor], x: Tensor, g: torch.Generator) -> Tensor:
+        y = self.function(params, x)
+        if self.noise_std > 0:
+            y = y + self.noise_std * torch.randn(y.shape, generator=g)
+        return y
+
+    def check(self, shots: int, queries: int) -> None:
+        for what, v in (("shots", shots), ("queries", queries)):
+            if not isinstance(v, int) or v < 1:
+                raise ProtocolError(f"{self.name}: {what} must be a positive integer, got {v!r}")
+
+    def sample(self, num_tasks: int, shots: int, queries: int, g: torch.Generator) -> TaskBatch:
+        """Fresh training tasks: ``num_tasks`` tasks of ``shots`` support and ``queries`` query points."""
+        self.check(shots, queries)
+        params = self.draw_params(num_tasks, g)
+        x = self._x(num_tasks, shots + queries, g)
+        y = self._y(params, x, g)
+        return TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:], params)
+
+    def fixed(self, num_tasks: int, shots: int, queries: int, seed: int) -> TaskBatch:
+        """Seeded evaluation tasks: the same functions, pool and query points for every ``shots``."""
+        self.check(shots, queries)
+        if shots > self.pool_size:
+            raise ProtocolError(
+                f"{self.name}: asked for {shots} shots, but each evaluation task provides "
+                f"{self.pool_size} support points"
+            )
+        g = torch.Generator().manual_seed(seed)
+        params = self.draw_params(num_tasks, g)
+        xs = self._x(num_tasks, self.pool_size, g)
+        ys = self._y(params, xs, g)
+        xq = self._x(num_tasks, queries, g)
+        yq = self._y(params, xq, g)
+        return TaskBatch(xs[:, :shots], ys[:, :shots], xq, yq, params)
+
+
+@dataclass(frozen=True)
+class Sinusoid(RegressionFamily):
+    """MAML's sinusoids (Finn et al., 2017): ``y = A sin(x + p)``, ``A ~ U[0.1, 5]``, ``p ~ U[0, pi]``,
+    ``x ~ U[-5, 5]``, no noise."""
+
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    phase: tuple[float, float] = (0.0, math.pi)
+    name = "sinusoid"
+
+    def draw_params(self, n: int, g: torch.Generator) -> dict[str, Tensor]:
+        a0, a1 = self.amplitude
+        p0, p1 = self.phase
+        return {
+            "amplitude": a0 + (a1 - a0) * torch.rand(n, generator=g),
+            "phase": p0 + (p1 - p0) * torch.rand(n, generator=g),
+        }
+
+    def function(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        a = params["amplitude"][:, None, None]
+        p = params["phase"][:, None, None]
+        return a * torch.sin(x + p)
+
+
+@dataclass(frozen=True)
+class SinusoidLine(RegressionFamily):
+    """PLATIPUS's ambiguous tasks (Finn et al., 2018): each task is, with probability 1/2, a sinusoid
+    (MAML's ranges) or a line with slope and intercept ``~ U[-3, 3]``; ``x ~ U[-5, 5]``; noise std 0.3."""
+
+    noise_std: float = 0.3
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    phase: tuple[float, float] = (0.0, math.pi)
+    slope: tuple[float, float] = (-3.0, 3.0)
+    intercept: tuple[float, float] = (-3.0, 3.0)
+    name = "sinusoid_line"
+
+    def draw_params(self, n: int, g: torch.Generator) -> dict[str, Tensor]:
+        def u(lo_hi: tuple[float, float]) -> Tensor:
+            return lo_hi[0] + (lo_hi[1] - lo_hi[0]) * torch.rand(n, generator=g)
+
+        return {
+            "is_line": (torch.rand(n, generator=g) < 0.5).float(),
+            "amplitude": u(self.amplitude),
+            "phase": u(self.phase),
+            "slope": u(self.slope),
+            "intercept": u(self.intercept),
+        }
+
+    def function(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        def c(k: str) -> Tensor:
+            return params[k][:, None, None]
+
+        sine = c("amplitude") * torch.sin(x + c("phase"))
+        line = c("slope") * x + c("intercept")
+        return torch.where(c("is_line") > 0.5, line, sine)

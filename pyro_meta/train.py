@@ -1,0 +1,261 @@
+"""The meta-training loop: optimizer, clipping, non-finite guard, atomic checkpoints, exact resume,
+progress bar, metrics log, device selection."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from .learner import MetaLearner
+from .tasks import TaskBatch
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient or parameter became NaN or inf during meta-training."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, or from a different run."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"``; a clear error when CUDA is asked for but absent."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but torch sees no CUDA device on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    return dev
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
+    a crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {str(path)!r}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupted file
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupted or not a checkpoint ({type(e).__name__}: "
+                              f"{e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a pyro_meta checkpoint (format {CHECKPOINT_FORMAT})")
+    return ckpt
+
+
+@dataclass
+class FitResult:
+    step: int
+    skipped: int
+    seconds: float
+    last_loss: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _rng_state(stream: Any) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if hasattr(stream, "state_dict"):
+        state["stream"] = stream.state_dict()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], stream: Any) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "stream" in state and hasattr(stream, "load_state_dict"):
+        stream.load_state_dict(state["stream"])
+
+
+def _all_finite(learner: MetaLearner) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in learner.parameters())
+
+
+def fit(
+    learner: MetaLearner,
+    tasks: Iterator[TaskBatch],
+    steps: int,
+    meta_lr: float = 1e-3,
+    grad_clip: float | None = 10.0,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    run_config: dict[str, Any] | None = None,
+    device: str = "cpu",
+    log_every: int = 50,
+    checkpoint_every: int = 1000,
+    skip_nonfinite: bool = False,
+    progress: bool = True,
+    validate: bool = False,
+    stop_after: int | None = None,
+) -> FitResult:
+    """Meta-train ``learner`` on meta-batches drawn from ``tasks`` with Adam on ``learner.loss``.
+
+    :param tasks: an iterator of :class:`TaskBatch` (a ``TaskStream`` saves and restores its position,
+        so a resumed run sees the same tasks as an uninterrupted one).
+    :param steps: total meta-updates (a resumed run continues up to this number).
+    :param grad_clip: max global gradient norm (``None``: no clipping).
+    :param out_dir: where ``checkpoint.pt`` and ``metrics.jsonl`` go (``None``: no files).
+    :param resume: continue from ``out_dir/checkpoint.pt``; its ``run_config`` must equal this one.
+    :param skip_nonfinite: skip a meta-batch whose loss or gradient is not finite, instead of stopping.
+    :param validate: Pyro's distribution validation (slower; off for training, on in tests).
+    :param stop_after: stop (with a checkpoint) after this many steps of this call, as an interruption
+        would; for tests and time-sliced jobs.
+    :raises NonFiniteError: a non-finite loss/gradient (unless skipped) or parameter; the message names
+        the step, and the last checkpoint on disk is left as it was.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    dev = resolve_device(device)
+    learner.to(dev)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the learner has no trainable parameters")
+    optimizer = torch.optim.Adam(params, lr=meta_lr)
+    out = Path(out_dir) if out_dir is not None else None
+    step, skipped, elapsed = 0, 0, 0.0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        if out is None:
+            raise ValueError("resume needs out_dir")
+        ckpt = load_checkpoint(out / CHECKPOINT)
+        if run_config is not None and ckpt.get("run_config") != run_config:
+            diff = _diff(ckpt.get("run_config") or {}, run_config)
+            raise CheckpointError(f"cannot resume {str(out)!r}: the config differs from the checkpoint's: {diff}")
+        learner.load_state_dict(ckpt["learner"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"], tasks)
+        step, skipped, elapsed = ckpt["step"], ckpt["skipped"], ckpt["seconds"]
+        _truncate_metrics(out / METRICS, step)
+
+    def save() -> None:
+        if out is None:
+            return
+        if not _all_finite(learner):
+            raise NonFiniteError(f"step {step}: a parameter is not finite; the checkpoint was not written")
+        atomic_save({
+            "format": CHECKPOINT_FORMAT, "step": step, "skipped": skipped, "seconds": elapsed,
+            "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": _rng_state(tasks), "run_config": run_config,
+        }, out / CHECKPOINT)
+
+    history: list[dict[str, float]] = []
+    log_file = open(out / METRICS, "a") if out is not None else None  # noqa: SIM115
+    bar = tqdm(total=steps, initial=step, disable=not progress, desc=f"meta-train {learner.name}",
+               unit="step", dynamic_ncols=True, mininterval=0.5)
+    last_loss = float("nan")
+    start_step, t0 = step, time.perf_counter()
+    learner.train()
+    try:
+        with pyro.validation_enabled(validate):
+            while step < steps:
+                if stop_after is not None and step - start_step >= stop_after:
+                    break
+                batch = next(tasks).to(dev)
+                loss = learner.loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None:
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                else:
+                    gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+                if not (torch.isfinite(loss) & torch.isfinite(gnorm)):
+                    if not skip_nonfinite:
+                        raise NonFiniteError(
+                            f"step {step + 1}: non-finite loss ({loss.item()}) or gradient norm ({gnorm.item()}); "
+                            f"the last checkpoint is untouched. Lower meta_lr/inner_lr, or pass "
+                            f"--skip-nonfinite to skip such meta-batches")
+                    skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    optimizer.step()
+                step += 1
+                bar.update(1)
+                if step % log_every == 0 or step == steps:
+                    last_loss = loss.item()
+                    now = elapsed + time.perf_counter() - t0
+                    rec = {"step": step, "loss": last_loss, "grad_norm": gnorm.item(),
+                           "skipped": skipped, "seconds": round(now, 3)}
+                    history.append(rec)
+                    bar.set_postfix(loss=f"{last_loss:.4g}", skipped=skipped)
+                    if log_file is not None:
+                        log_file.write(json.dumps(rec) + "\n")
+                        log_file.flush()
+                if step % checkpoint_every == 0 and step < steps:
+                    elapsed += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    save()
+    except KeyboardInterrupt:
+        elapsed += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        save()
+        bar.write(f"interrupted at step {step}; checkpoint written"
+                  + (f" to {out / CHECKPOINT}" if out is not None else ""))
+        raise
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+    elapsed += time.perf_counter() - t0
+    save()
+    return FitResult(step, skipped, elapsed, last_loss, history)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint's step (they will be written again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            continue
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
+    keys = sorted(set(a) | set(b))
+    parts = [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    return "; ".join(parts) if parts else "(no field-level difference)"
+
+
+def is_finite_number(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
