@@ -79,7 +79,7 @@ def plot_regression_tasks(learners: Sequence[tuple[str, MetaLearner, int]], batc
 
 def plot_training_curve(metrics_jsonl: str | Path, path: str | Path) -> Path | None:
     """Meta-training loss against step, from a run's ``metrics.jsonl``."""
-    rows = [json.loads(l) for l in Path(metrics_jsonl).read_text().splitlines() if l.strip()]
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.2))

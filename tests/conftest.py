@@ -1,0 +1,31 @@
+"""Every test starts seeded, with Pyro's validation on and an empty param store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    torch.set_default_dtype(torch.float32)
+    with pyro.validation_enabled(True):
+        yield
+
+
+def assert_close(actual, expected, rtol: float = 1e-6, atol: float = 0.0, msg: str = "") -> None:
+    """One tolerance-explicit comparison for every numeric test."""
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}\n{m}" if msg else m)
