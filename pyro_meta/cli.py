@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, CheckpointError, ProtocolError, TaskBatchError, NonFiniteError, ValueError) as e:
+    except (ConfigError, CheckpointError, ProtocolError, TaskBatchError, NonFiniteError, FloatingPointError,
+            ValueError) as e:
         print(f"pyro-meta {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -47,6 +47,7 @@ class RunConfig:
     inner_samples: int | None = None
     kl_weight_inner: float | None = None
     kl_weight_outer: float | None = None
+    noise_scaled_lr: bool | None = None
     # evaluation
     eval_samples: int | None = None
     # run
@@ -121,7 +122,8 @@ class RunConfig:
             pos_float(name, allow_none=True, allow_zero=True)
         for name in ("first_order", "skip_nonfinite"):
             want(isinstance(getattr(self, name), bool), name, "true or false")
-        want(self.learn_noise is None or isinstance(self.learn_noise, bool), "learn_noise", "true, false or null")
+        for name in ("learn_noise", "noise_scaled_lr"):
+            want(getattr(self, name) is None or isinstance(getattr(self, name), bool), name, "true, false or null")
         want(isinstance(self.hidden, (list, tuple)) and len(self.hidden) >= 1
              and all(isinstance(h, int) and h >= 1 for h in self.hidden), "hidden",
              "a non-empty list of positive integers")

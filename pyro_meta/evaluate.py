@@ -119,7 +119,9 @@ def predict(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed
     device = batch.x_support.device
     chunks = []
     try:
-        with torch.no_grad(), _rng(seed, device):
+        # validation off: a task whose inner loop diverged must show up as a non-finite prediction
+        # that the metrics count, not abort the whole evaluation
+        with torch.no_grad(), _rng(seed, device), pyro.validation_enabled(False):
             for start in range(0, batch.num_tasks, task_chunk):
                 sub = batch.select(slice(start, start + task_chunk))
                 chunks.append(_predict_chunk(learner, sub, num_samples))
@@ -139,12 +141,41 @@ def predict(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed
                       cat("y_draws"), first["gaussian"])
 
 
+def finite_tasks(pred: Prediction) -> Tensor:
+    """``[T]`` bool: tasks whose every predictive draw is finite (an inner loop can diverge)."""
+    ok = torch.isfinite(pred.mean).flatten(2).all(-1).all(0)
+    if pred.stddev is not None:
+        ok &= torch.isfinite(pred.stddev).flatten(2).all(-1).all(0)
+    if pred.log_lik is not None:
+        ok &= torch.isfinite(pred.log_lik).flatten(2).all(-1).all(0)
+    return ok
+
+
+def _select_tasks(pred: Prediction, keep: Tensor) -> Prediction:
+    def sel(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[:, keep]
+
+    latents = {k: (v[:, keep] if k in pred.per_task else v) for k, v in pred.latents.items()}
+    return Prediction(latents, pred.per_task, sel(pred.mean), sel(pred.stddev), sel(pred.log_lik),
+                      sel(pred.y_draws), pred.gaussian)
+
+
 def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str, float]]:
     """MSE of the predictive mean, NLL of the predictive mixture, and 50%/90% central-interval
-    coverage, each as ``{"mean", "ci95", "n"}`` over tasks."""
+    coverage, each as ``{"mean", "ci95", "n"}`` over tasks.
+
+    Tasks with a non-finite prediction (a diverged inner loop) are left out of these means and
+    counted in ``"nonfinite_tasks"``; ``n`` says how many tasks each mean is over.
+    """
     y = batch.y_query
     if y is None:
         raise ValueError("metrics need query labels; this TaskBatch has y_query=None")
+    keep = finite_tasks(pred)
+    bad = int((~keep).sum())
+    if bad == batch.num_tasks:
+        raise FloatingPointError(f"every one of the {bad} evaluation tasks gave a non-finite prediction")
+    if bad:
+        pred, y = _select_tasks(pred, keep), y[keep]
     out = {
         "mse": M.mean_ci(M.squared_error(pred.mean.mean(0), y)),
         "nll": M.mean_ci(M.mixture_nll(pred.log_lik.flatten(2) if pred.log_lik.dim() > 3 else pred.log_lik)),
@@ -157,6 +188,7 @@ def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str
             lo = torch.quantile(pred.y_draws.float(), (1 - level) / 2, dim=0)
             hi = torch.quantile(pred.y_draws.float(), (1 + level) / 2, dim=0)
         out[f"coverage{int(level * 100)}"] = M.mean_ci(M.interval_coverage(y, lo, hi))
+    out["nonfinite_tasks"] = {"count": bad, "of": batch.num_tasks}
     return out
 
 

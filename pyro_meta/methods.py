@@ -19,7 +19,8 @@ from .tasks import BENCHMARKS
 
 # Settings whose meaning and default depend on the method.
 METHOD_FIELDS = ("inner_steps", "inner_steps_eval", "inner_lr", "noise_std", "learn_noise",
-                 "prior_init_std", "inner_samples", "kl_weight_inner", "kl_weight_outer", "eval_samples")
+                 "prior_init_std", "inner_samples", "kl_weight_inner", "kl_weight_outer", "noise_scaled_lr",
+                 "eval_samples")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def _build_abml(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
     model = ABMLModel(net, Gaussian(cfg.noise_std, cfg.learn_noise), kl_weight=cfg.kl_weight_outer)
     guide = ABMLGuide(model, _init(net, cfg.seed), cfg.prior_init_std, cfg.inner_steps,
                       cfg.inner_steps_eval, cfg.inner_lr, cfg.inner_samples, cfg.kl_weight_inner,
-                      cfg.first_order)
+                      cfg.first_order, cfg.noise_scaled_lr)
     return MetaLearner(model, guide, name="abml", protocol=_abml_protocol(cfg))
 
 
@@ -80,6 +81,8 @@ def _abml_protocol(cfg: RunConfig) -> dict[str, Any]:
         "inner_loss": "support ELBO per support point: (E_q[-log p(y_s | phi)] + kl_weight_inner * "
                       "KL(q || p(phi | theta))) / shots, closed-form KL, inner_samples MC draws",
         "inner_init": "q starts at the prior: mean mu_theta, std tau_theta^-1/2",
+        "inner_step_size": "inner_lr * sigma^2 (noise-scaled, a deviation from plain SGD)"
+        if cfg.noise_scaled_lr else "inner_lr (plain SGD, as in the paper)",
         "variance_parameterization": "q: log std (clamped to [-15, 5] where exponentiated); "
                                      "prior: precision = exp(r) + 1e-6 (r clamped at 40)",
         "gradient_order": "first" if cfg.first_order else "second",
@@ -98,7 +101,7 @@ METHODS: dict[str, MethodInfo] = {
         "abml", "ABML: hyperprior on a Gaussian prior; Gaussian guide from K SGD steps on the support ELBO",
         {"inner_steps": 5, "inner_steps_eval": 5, "inner_lr": 0.01, "noise_std": 0.5,
          "learn_noise": True, "prior_init_std": 0.1, "inner_samples": 1, "kl_weight_inner": 1.0,
-         "kl_weight_outer": 1.0, "eval_samples": 100},
+         "kl_weight_outer": 1.0, "noise_scaled_lr": False, "eval_samples": 100},
         _build_abml, _abml_protocol),
 }
 

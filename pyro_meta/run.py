@@ -150,6 +150,10 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, learner: Met
               "eval_samples": cfg.eval_samples, "inner_steps_eval": cfg.inner_steps_eval,
               "metrics": metrics}
     write_json_atomic(run_dir / EVAL, report)
+    bad = metrics.get("nonfinite_tasks", {}).get("count", 0)
+    if bad:
+        print(f"warning: {bad} of {test.num_tasks} test tasks gave non-finite predictions (their inner loop "
+              f"diverged); the metrics are over the other {test.num_tasks - bad}", flush=True)
     return report
 
 
@@ -183,5 +187,58 @@ def format_metrics_table(reports: list[dict[str, Any]]) -> str:
     for r in reports:
         m = r["metrics"]
         cells = " ".join(f"{m[c]['mean']:>9.3f} +-{m[c]['ci95']:>6.3f}" for c in cols)
-        lines.append(f"{r['method']:<8} {r['shots']:>5} {cells}")
+        bad = m.get("nonfinite_tasks", {}).get("count", 0)
+        lines.append(f"{r['method']:<8} {r['shots']:>5} {cells}" + (f"  ({bad} diverged tasks left out)" if bad else ""))
+    return "\n".join(lines)
+
+
+def _run_one(cfg_dict: dict[str, Any], out: str) -> dict[str, Any]:
+    """Worker of :func:`run_many`: one thread, skip finished runs, resume interrupted ones."""
+    torch.set_num_threads(1)
+    out_p = Path(out)
+    if (out_p / EVAL).exists():
+        return json.loads((out_p / EVAL).read_text())
+    resume = (out_p / CHECKPOINT).exists()
+    try:
+        if resume:
+            train_run(RunConfig(), out_p, resume=True, progress=False, overrides={"steps": cfg_dict["steps"]}
+                      if "steps" in cfg_dict else None)
+        else:
+            train_run(RunConfig.from_dict(cfg_dict), out_p, progress=False)
+    except Exception as e:  # noqa: BLE001 - one failed configuration must not stop the others
+        return {"error": f"{type(e).__name__}: {e}"}
+    return json.loads((out_p / EVAL).read_text())
+
+
+def run_many(jobs: dict[str, dict[str, Any]], out: str | Path, workers: int = 2) -> dict[str, dict[str, Any]]:
+    """Train several configurations (``name -> RunConfig settings``) into ``out/<name>`` in parallel
+    worker processes of one torch thread each; returns ``name -> eval.json`` (or ``{"error": ...}``).
+    Started again, it skips finished runs and resumes interrupted ones from their checkpoints."""
+    import sys
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        futs = {pool.submit(_run_one, cfg, str(out / name)): name for name, cfg in jobs.items()}
+        for fut in as_completed(futs):
+            name = futs[fut]
+            results[name] = fut.result()
+            status = results[name].get("error", "done")
+            print(f"[{len(results)}/{len(jobs)}] {name}: {status}", file=sys.stderr, flush=True)
+    return results
+
+
+def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+    """``name -> eval.json`` as a markdown table of test metrics (mean +- 95% CI over tasks)."""
+    lines = ["| run | test MSE | NLL | 50% coverage | 90% coverage |", "| --- | --- | --- | --- | --- |"]
+    for name, rep in sorted(results.items()):
+        if "error" in rep:
+            lines.append(f"| {name} | failed: {rep['error']} | | | |")
+            continue
+        m = rep["metrics"]
+        cells = " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['ci95']:.3f}" for k in ("mse", "nll", "coverage50", "coverage90"))
+        bad = m.get("nonfinite_tasks", {}).get("count", 0)
+        lines.append(f"| {name} | {cells} |" + (f" ({bad} diverged tasks left out)" if bad else ""))
     return "\n".join(lines)

@@ -45,11 +45,15 @@ class ABMLGuide(PyroModule):
     :param inner_samples: Monte Carlo samples of the expected log-likelihood in the inner loop.
     :param kl_weight_inner: weight of the inner KL (1 = the exact support ELBO).
     :param first_order: detach the inner gradients.
+    :param noise_scaled_lr: multiply the inner step size by the likelihood's current noise variance
+        sigma^2 (Gaussian only), so a learned sigma does not shrink the steps in weight space as it
+        grows. Plain SGD (False) is the paper's; True is this library's option.
     """
 
     def __init__(self, model: WeightSpaceModel, init_loc: Tensor, init_prior_std: float = 0.1,
                  inner_steps: int = 5, inner_steps_eval: int = 5, inner_lr: float = 0.01,
-                 inner_samples: int = 1, kl_weight_inner: float = 1.0, first_order: bool = False):
+                 inner_samples: int = 1, kl_weight_inner: float = 1.0, first_order: bool = False,
+                 noise_scaled_lr: bool = False):
         super().__init__()
         if not init_prior_std > 0:
             raise ValueError(f"init_prior_std must be positive, got {init_prior_std}")
@@ -60,6 +64,7 @@ class ABMLGuide(PyroModule):
         self.log_precision = nn.Parameter(torch.full_like(init_loc, -2.0 * math.log(init_prior_std)))
         self.inner_steps, self.inner_steps_eval, self.inner_lr = inner_steps, inner_steps_eval, inner_lr
         self.inner_samples, self.kl_weight_inner, self.first_order = inner_samples, kl_weight_inner, first_order
+        self.noise_scaled_lr = noise_scaled_lr
 
     @property
     def precision(self) -> Tensor:
@@ -81,8 +86,11 @@ class ABMLGuide(PyroModule):
         shape = (batch.num_tasks, 1, loc.shape[-1])
         mu0 = loc.expand(shape)
         s0 = (-0.5 * torch.log(prec)).expand(shape)
+        lr = self.inner_lr
+        if self.noise_scaled_lr:
+            lr = self.inner_lr * self.model.likelihood.noise_std ** 2
         return sgd_adapt(lambda m, s: self.support_loss(m, s, batch, loc, prec), (mu0, s0), steps,
-                         self.inner_lr, self.first_order)
+                         lr, self.first_order)
 
     def forward(self, batch: TaskBatch) -> Tensor:
         pyro.sample("prior_loc", dist.Delta(self.loc, event_dim=1))
