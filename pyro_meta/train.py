@@ -4,8 +4,8 @@ progress bar, metrics log, device selection."""
 from __future__ import annotations
 
 import json
-import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -177,8 +177,10 @@ def fit(
 
     history: list[dict[str, float]] = []
     log_file = open(out / METRICS, "a") if out is not None else None  # noqa: SIM115
+    interactive = sys.stderr.isatty()
     bar = tqdm(total=steps, initial=step, disable=not progress, desc=f"meta-train {learner.name}",
-               unit="step", dynamic_ncols=True, mininterval=0.5)
+               unit="step", dynamic_ncols=True, file=sys.stderr,
+               mininterval=0.5 if interactive else 30.0)  # a log file gets a line every 30 s
     last_loss = float("nan")
     start_step, t0 = step, time.perf_counter()
     learner.train()
@@ -256,6 +258,3 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:
     parts = [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
     return "; ".join(parts) if parts else "(no field-level difference)"
 
-
-def is_finite_number(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
