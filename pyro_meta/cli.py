@@ -81,6 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.config is not None:
             raise ConfigError("--resume reads the run's own config.json; do not pass --config with it")
+        if args.out is not None and args.out.resolve() != args.resume.resolve():
+            raise ConfigError("--resume DIR continues the run in DIR; --out names another folder")
         out, res = train_run(RunConfig(), args.resume, resume=True, progress=not args.no_progress,
                              overrides=given)
     else:
@@ -138,9 +140,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                 steps=max(1, int(steps * args.steps_scale)), log_every=50,
                                 checkpoint_every=500))
         out = args.out / method
-        if (out / "checkpoint.pt").exists():
-            out, _ = train_run(cfg, out, resume=True, progress=not args.no_progress,
-                               overrides={"steps": cfg.steps, "device": args.device})
+        if (out / "checkpoint.pt").exists():  # continue an interrupted demo; a different run is refused
+            out, _ = train_run(cfg, out, resume=True, progress=not args.no_progress, overrides=cfg.to_dict())
         else:
             out, _ = train_run(cfg, out, progress=not args.no_progress)
         from .run import load_run

@@ -78,9 +78,14 @@ class RunConfig:
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; expected a JSON object") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a JSON object of settings, "
+                              f"got {type(data).__name__}")
         data.pop("resolved", None)
         return cls.from_dict(data, source=str(path))
 
@@ -124,7 +129,10 @@ class RunConfig:
             want(isinstance(getattr(self, name), bool), name, "true or false")
         for name in ("learn_noise", "noise_scaled_lr"):
             want(getattr(self, name) is None or isinstance(getattr(self, name), bool), name, "true, false or null")
+        from .nn import ACTIVATIONS
+
+        want(self.activation in ACTIVATIONS, "activation", f"one of {sorted(ACTIVATIONS)}")
         want(isinstance(self.hidden, (list, tuple)) and len(self.hidden) >= 1
-             and all(isinstance(h, int) and h >= 1 for h in self.hidden), "hidden",
+             and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.hidden), "hidden",
              "a non-empty list of positive integers")
         self.hidden = list(self.hidden)

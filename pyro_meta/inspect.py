@@ -41,7 +41,11 @@ def inspect_run(run_dir: str | Path, max_weights: int = 8) -> str:
             az.plot_posterior(idata, var_names=[v], coords=sel, figsize=(12, 6))
             plt.gcf().savefig(plots / "posterior.png", dpi=90)
             plt.close("all")
+        draws = post.sizes["draw"]
         try:
+            if draws < 2:
+                raise ValueError(f"PSIS-LOO needs more than one posterior draw; this run exports {draws} "
+                                 "(a point estimate such as MAML's)")
             loo = az.loo(idata)
             lines.append(f"\nPSIS-LOO over {loo.n_data_points} query points: elpd_loo {loo.elpd_loo:.1f} "
                          f"(se {loo.se:.1f}), p_loo {loo.p_loo:.1f}")

@@ -7,6 +7,7 @@ atomically), ``metrics.jsonl``, ``eval.json``, ``posterior.nc`` and ``plots/``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
@@ -46,10 +47,21 @@ def protocol_config(cfg: RunConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
 
 
+def _json_safe(x: Any) -> Any:
+    """NaN/inf (e.g. a CI over one task) become null: JSON has no such numbers."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
+        json.dump(_json_safe(data), f, indent=2, default=str, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
 
@@ -90,8 +102,11 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
     out = Path(out)
     if resume:
         saved = read_config(out)
-        load_checkpoint(out / CHECKPOINT)  # a missing or corrupted checkpoint fails here, nothing touched
+        done = load_checkpoint(out / CHECKPOINT)["step"]  # missing/corrupted: fails here, nothing touched
         overrides = dict(overrides or {})
+        if overrides.get("steps") is not None and overrides["steps"] < done:
+            raise ConfigError(f"cannot resume {str(out)!r} with steps={overrides['steps']}: the run has "
+                              f"already done {done} steps")
         clash = {k: (getattr(saved, k), v) for k, v in overrides.items()
                  if k not in RESUMABLE and getattr(saved, k) != v}
         if clash:

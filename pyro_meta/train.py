@@ -4,9 +4,12 @@ progress bar, metrics log, device selection."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +44,9 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for, but torch sees no CUDA device on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} was asked for, but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {name!r}")
     return dev
@@ -103,6 +109,34 @@ def _set_rng_state(state: dict[str, Any], stream: Any) -> None:
         stream.load_state_dict(state["stream"])
 
 
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN/inf: non-finite numbers are logged as null."""
+    return x if math.isfinite(x) else None
+
+
+class _DeferredInterrupt:
+    """Ctrl-C during a step is held until the step has finished, so the checkpoint written on
+    interruption is a step boundary; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
 def _all_finite(learner: MetaLearner) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in learner.parameters())
 
@@ -162,9 +196,11 @@ def fit(
         optimizer.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"], tasks)
         step, skipped, elapsed = ckpt["step"], ckpt["skipped"], ckpt["seconds"]
+        if steps < step:
+            raise CheckpointError(f"the run in {str(out)!r} has already done {step} steps; asked for {steps}")
         _truncate_metrics(out / METRICS, step)
 
-    def save() -> None:
+    def save(rng: dict[str, Any] | None = None) -> None:
         if out is None:
             return
         if not _all_finite(learner):
@@ -172,8 +208,11 @@ def fit(
         atomic_save({
             "format": CHECKPOINT_FORMAT, "step": step, "skipped": skipped, "seconds": elapsed,
             "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": _rng_state(tasks), "run_config": run_config,
+            "rng": rng if rng is not None else _rng_state(tasks), "run_config": run_config,
         }, out / CHECKPOINT)
+
+    if not resume:
+        save()  # step 0: a run that fails before its first periodic checkpoint can still be resumed
 
     history: list[dict[str, float]] = []
     log_file = open(out / METRICS, "a") if out is not None else None  # noqa: SIM115
@@ -184,11 +223,16 @@ def fit(
     last_loss = float("nan")
     start_step, t0 = step, time.perf_counter()
     learner.train()
+    step_start_rng: dict[str, Any] | None = None
     try:
-        with pyro.validation_enabled(validate):
+        with pyro.validation_enabled(validate), _DeferredInterrupt() as interrupt:
             while step < steps:
                 if stop_after is not None and step - start_step >= stop_after:
                     break
+                if interrupt.requested:
+                    raise KeyboardInterrupt
+                # where this step starts: restored if the step is cut off before its update
+                step_start_rng = _rng_state(tasks) if out is not None else None
                 batch = next(tasks).to(dev)
                 loss = learner.loss(batch)
                 optimizer.zero_grad(set_to_none=True)
@@ -208,12 +252,14 @@ def fit(
                 else:
                     optimizer.step()
                 step += 1
+                step_start_rng = None
                 bar.update(1)
                 if step % log_every == 0 or step == steps:
                     last_loss = loss.item()
                     now = elapsed + time.perf_counter() - t0
-                    rec = {"step": step, "loss": last_loss, "grad_norm": gnorm.item(),
-                           "skipped": skipped, "seconds": round(now, 3)}
+                    rec = {"step": step, "loss": finite_or_none(last_loss),
+                           "grad_norm": finite_or_none(gnorm.item()), "skipped": skipped,
+                           "seconds": round(now, 3)}
                     history.append(rec)
                     bar.set_postfix(loss=f"{last_loss:.4g}", skipped=skipped)
                     if log_file is not None:
@@ -226,7 +272,7 @@ def fit(
     except KeyboardInterrupt:
         elapsed += time.perf_counter() - t0
         t0 = time.perf_counter()
-        save()
+        save(rng=step_start_rng)  # mid-step: the RNG and task stream as they were when it began
         bar.write(f"interrupted at step {step}; checkpoint written"
                   + (f" to {out / CHECKPOINT}" if out is not None else ""))
         raise

@@ -18,7 +18,6 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from ..infer import sgd_adapt
@@ -30,13 +29,16 @@ PRECISION_FLOOR = 1e-6
 LOG_PRECISION_MAX = 40.0
 
 
-def gaussian_kl(mu: Tensor, log_std: Tensor, loc: Tensor, precision: Tensor) -> Tensor:
-    """Elementwise ``KL(N(mu, exp(log_std)) || N(loc, precision^{-1/2}))``."""
-    var = torch.exp(2 * log_std.clamp(LOG_STD_MIN, LOG_STD_MAX))
-    return 0.5 * (precision * (var + (mu - loc) ** 2) - 1.0 - torch.log(precision) - 2 * log_std)
+def gaussian_kl(mu: Tensor, log_std: Tensor, loc: Tensor, precision: Tensor,
+                log_precision: Tensor | None = None) -> Tensor:
+    """Elementwise ``KL(N(mu, exp(s)) || N(loc, precision^{-1/2}))`` with ``s = log_std`` clamped to
+    [LOG_STD_MIN, LOG_STD_MAX] (the same clamp as the sampled std, so KL(p || p) = 0 everywhere)."""
+    s = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+    log_prec = torch.log(precision) if log_precision is None else log_precision
+    return 0.5 * (precision * (torch.exp(2 * s) + (mu - loc) ** 2) - 1.0 - log_prec - 2 * s)
 
 
-class ABMLGuide(PyroModule):
+class ABMLGuide(nn.Module):
     """:param model: an :class:`~pyro_meta.models.ABMLModel` (its ``net`` and ``likelihood``).
     :param init_loc: initial prior mean ``[D]``; :param init_prior_std: initial prior std (scalar).
     :param inner_steps: K in meta-training; :param inner_steps_eval: K at evaluation.
@@ -70,26 +72,28 @@ class ABMLGuide(PyroModule):
     def precision(self) -> Tensor:
         return torch.exp(self.log_precision.clamp(max=LOG_PRECISION_MAX)) + PRECISION_FLOOR
 
-    def support_loss(self, mu: Tensor, log_std: Tensor, batch: TaskBatch, loc: Tensor, prec: Tensor) -> Tensor:
+    def support_loss(self, mu: Tensor, log_std: Tensor, batch: TaskBatch, loc: Tensor, prec: Tensor,
+                     log_prec: Tensor | None = None) -> Tensor:
         """Sum over tasks of each task's support ELBO loss per support point; ``mu, log_std [T, 1, D]``."""
         eps = torch.randn((self.inner_samples,) + mu.shape, dtype=mu.dtype, device=mu.device)  # M T 1 D
         phi = mu + torch.exp(log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)) * eps
         f = self.model.net(phi.squeeze(TASK_DIM), batch.x_support)  # M T S O
         nll = self.model.likelihood.point_loss(f, batch.y_support).sum(-1).mean(0)  # T
-        kl = gaussian_kl(mu, log_std, loc, prec).sum(-1).squeeze(-1)  # T
+        kl = gaussian_kl(mu, log_std, loc, prec, log_prec).sum(-1).squeeze(-1)  # T
         return ((nll + self.kl_weight_inner * kl) / batch.num_support).sum()
 
     def adapt(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """``(mu, log_std)`` of each task's q, ``[T, 1, D]`` each."""
         loc, prec = self.loc, self.precision
+        log_prec = torch.log(prec)  # once per adaptation, not once per inner step
         steps = self.inner_steps if self.training else self.inner_steps_eval
         shape = (batch.num_tasks, 1, loc.shape[-1])
         mu0 = loc.expand(shape)
-        s0 = (-0.5 * torch.log(prec)).expand(shape)
+        s0 = (-0.5 * log_prec).expand(shape)
         lr = self.inner_lr
         if self.noise_scaled_lr:
             lr = self.inner_lr * self.model.likelihood.noise_std ** 2
-        return sgd_adapt(lambda m, s: self.support_loss(m, s, batch, loc, prec), (mu0, s0), steps,
+        return sgd_adapt(lambda m, s: self.support_loss(m, s, batch, loc, prec, log_prec), (mu0, s0), steps,
                          lr, self.first_order)
 
     def forward(self, batch: TaskBatch) -> Tensor:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from ..infer import sgd_adapt
@@ -14,7 +13,7 @@ from ..models.base import TASK_DIM, WeightSpaceModel, tasks_plate
 from ..tasks import TaskBatch
 
 
-class MAMLGuide(PyroModule):
+class MAMLGuide(nn.Module):
     """:param model: the model whose ``net`` and ``likelihood`` define the support loss.
     :param init: initial theta ``[D]``.
     :param inner_steps: K during meta-training; :param inner_steps_eval: K at evaluation.

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pyro
 import pyro.distributions as dist
+import torch
 from pyro import poutine
-from pyro.nn import PyroModule
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..likelihoods import Likelihood
 from ..nn import FunctionalNet
@@ -40,7 +40,7 @@ def observe(name: str, likelihood: Likelihood, f: Tensor, y: Tensor | None, mean
         return pyro.sample(name, likelihood(f), obs=y)
 
 
-class WeightSpaceModel(PyroModule):
+class WeightSpaceModel(nn.Module):
     """``phi_t ~ prior`` per task; ``y ~ p(y | net(phi_t, x))`` for the scored sets.
 
     Subclasses provide :meth:`phi_prior` (which may sample global sites first, e.g. a hyperprior).
@@ -78,8 +78,12 @@ class WeightSpaceModel(PyroModule):
                 phi = pyro.sample("phi", prior)  # [..., T, 1, D]
             w = phi.squeeze(TASK_DIM)  # ..., T, D
             if self.score == "support+query":
-                observe("y_support", self.likelihood, self.net(w, batch.x_support), batch.y_support,
-                        self.mean_over_points)
-            observe("y_query", self.likelihood, self.net(w, batch.x_query), batch.y_query,
-                    self.mean_over_points)
+                # one network pass over support and query together
+                s = batch.num_support
+                f = self.net(w, torch.cat([batch.x_support, batch.x_query], dim=1))  # ..., T, S+Q, O
+                observe("y_support", self.likelihood, f[..., :s, :], batch.y_support, self.mean_over_points)
+                f_query = f[..., s:, :]
+            else:
+                f_query = self.net(w, batch.x_query)
+            observe("y_query", self.likelihood, f_query, batch.y_query, self.mean_over_points)
         return phi

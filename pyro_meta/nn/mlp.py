@@ -74,15 +74,22 @@ class MLP(FunctionalNet):
         return self.spec.flatten(named)
 
     def __call__(self, params: Tensor, x: Tensor) -> Tensor:
-        p = self.spec.unflatten(params)
-        h = x
+        if params.shape[-1] != self.num_params:
+            raise ValueError(f"expected weights [..., {self.num_params}], got {tuple(params.shape)}")
+        batch = torch.broadcast_shapes(params.shape[:-1], x.shape[:-2])
+        nb = math.prod(batch)
+        # flatten every leading dim into one so each layer is a single fused batched matmul-add
+        p = params.expand(*batch, self.num_params).reshape(nb, self.num_params)  # B D
+        h = x.expand(*batch, *x.shape[-2:]).reshape(nb, *x.shape[-2:])  # B N in
         n_layers = len(self.sizes) - 1
         for i in range(n_layers):
-            w, b = p[f"w{i}"], p[f"b{i}"]  # [*B, out, in], [*B, out]
-            h = torch.matmul(h, w.transpose(-1, -2)) + b.unsqueeze(-2)  # *B N out
+            (wa, wb), (ba, bb) = self.spec.offsets[f"w{i}"], self.spec.offsets[f"b{i}"]
+            out_dim, in_dim = self.spec.shapes[f"w{i}"]
+            w = p[:, wa:wb].view(nb, out_dim, in_dim)  # B out in
+            h = torch.baddbmm(p[:, ba:bb].unsqueeze(1), h, w.transpose(1, 2))  # B N out
             if i < n_layers - 1:
                 h = self._act(h)
-        return h
+        return h.reshape(*batch, *h.shape[-2:])  # *batch N out
 
     def describe(self) -> dict:
         return {"type": "mlp", "sizes": list(self.sizes), "activation": self.activation,

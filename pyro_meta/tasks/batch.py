@@ -48,10 +48,11 @@ class TaskBatch:
             if not isinstance(v, Tensor):
                 raise TaskBatchError(f"{f.name}: expected a torch.Tensor, got {type(v).__name__}")
         xs, ys, xq, yq = self.x_support, self.y_support, self.x_query, self.y_query
-        if xs.dim() < 3:
-            raise TaskBatchError(
-                f"x_support: expected [T, S, *input_shape] with at least 3 dims, got {_describe(xs)}"
-            )
+        for name, x in (("x_support", xs), ("x_query", xq)):
+            if x.dim() < 3:
+                raise TaskBatchError(
+                    f"{name}: expected [T, N, *input_shape] with at least 3 dims, got {_describe(x)}"
+                )
         if not xs.is_floating_point():
             raise TaskBatchError(f"x_support: expected a floating dtype, got {_describe(xs)}")
         if xq.shape[0] != xs.shape[0] or xq.shape[2:] != xs.shape[2:]:
@@ -77,8 +78,9 @@ class TaskBatch:
                 bad = int((~torch.isfinite(t)).sum())
                 raise TaskBatchError(f"{name}: contains {bad} NaN or inf value(s); data must be finite")
         for k, v in self.info.items():
-            if not isinstance(v, Tensor) or v.shape[:1] != xs.shape[:1]:
-                raise TaskBatchError(f"info[{k!r}]: expected a tensor [T={xs.shape[0]}, ...]")
+            if not isinstance(v, Tensor) or v.dim() == 0 or v.shape[0] != xs.shape[0]:
+                came = _describe(v) if isinstance(v, Tensor) else type(v).__name__
+                raise TaskBatchError(f"info[{k!r}]: expected a tensor [T={xs.shape[0]}, ...], got {came}")
 
     @staticmethod
     def _check_labels(name: str, y: Tensor, x: Tensor) -> None:

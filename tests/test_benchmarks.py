@@ -1,0 +1,33 @@
+"""Smoke test of the speed benchmark: its tiny settings, through a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+SCRIPT = REPO / "benchmarks" / "bench_sinusoid.py"
+
+
+def test_bench_sinusoid_quick_writes_table_and_passes_self_check(tmp_path):
+    out = tmp_path / "r.md"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    text = out.read_text()
+    assert "Self-check: PASSED" in text
+    assert "| FAIL |" not in text
+    assert "| method | T | K | lib ms/step |" in text
+    assert "python benchmarks/bench_sinusoid.py --quick --out" in text  # the exact command line
+    assert "torch threads:" in text and "pyro-ppl:" in text
+    # one row per method and T (--quick: T in {2, 4}, K = 1); the loop is timed at T = 4
+    for method in ("maml", "abml"):
+        for tasks in (2, 4):
+            row = re.search(rf"^\| {method} \| {tasks} \| 1 \| ([0-9.]+) \|", text, re.MULTILINE)
+            assert row is not None, f"no row for {method} T={tasks}:\n{text}"
+            assert float(row.group(1)) > 0
+        loop_row = re.search(rf"^\| {method} \| 4 \| 1 \|.*$", text, re.MULTILINE).group(0)
+        cells = [c.strip() for c in loop_row.strip("|").split("|")]
+        assert float(cells[12]) > 0, f"no loop/vec ratio in {loop_row}"

@@ -1,0 +1,47 @@
+"""Meta-training lowers the test error far below an untrained model and the zero predictor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyro_meta.config import RunConfig
+from pyro_meta.evaluate import evaluate
+from pyro_meta.methods import build_learner, resolve
+from pyro_meta.tasks import get_benchmark
+from pyro_meta.train import fit
+
+STEPS = {"maml": 600, "abml": 600}
+
+
+def _zero_mse(batch) -> float:
+    return float((batch.y_query**2).flatten(1).mean(-1).mean())
+
+
+@pytest.mark.parametrize("method", ["maml", "abml"])
+def test_meta_training_beats_untrained_and_zero_predictor(method):
+    cfg = resolve(RunConfig(method=method, shots=10, meta_batch=10, seed=0, eval_samples=20))
+    bench = get_benchmark("sinusoid", shots=10, meta_batch=10, num_test_tasks=100, seed=0)
+    torch.manual_seed(0)
+    learner = build_learner(cfg)
+    before, _ = evaluate(learner, bench.test, num_samples=cfg.eval_samples)
+    fit(learner, bench.train, steps=STEPS[method], progress=False)
+    after, _ = evaluate(learner, bench.test, num_samples=cfg.eval_samples)
+    zero = _zero_mse(bench.test)
+    mse0, mse1 = before["mse"]["mean"], after["mse"]["mean"]
+    assert mse1 < 0.6 * zero, f"{method}: test MSE {mse1:.3f} vs zero predictor {zero:.3f}"
+    assert mse1 < 0.6 * mse0, f"{method}: test MSE {mse1:.3f} vs untrained {mse0:.3f}"
+    assert after["nll"]["mean"] < before["nll"]["mean"]
+    assert after["nonfinite_tasks"]["count"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["maml", "abml"])
+def test_longer_training_reaches_a_low_error(method):
+    cfg = resolve(RunConfig(method=method, shots=10, meta_batch=25, seed=1, eval_samples=50))
+    bench = get_benchmark("sinusoid", shots=10, meta_batch=25, num_test_tasks=200, seed=1)
+    torch.manual_seed(1)
+    learner = build_learner(cfg)
+    fit(learner, bench.train, steps=5000, progress=False)
+    after, _ = evaluate(learner, bench.test, num_samples=cfg.eval_samples)
+    assert after["mse"]["mean"] < 0.35 * _zero_mse(bench.test)
