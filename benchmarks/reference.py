@@ -237,7 +237,7 @@ def reference_for(learner) -> nn.Module:
     if learner.name == "abml":
         lik = learner.model.likelihood
         if not lik.learn_noise:
-            raise ValueError("the ABML reference expects a learned noise (the method's default)")
+            raise ValueError("the ABML reference expects a learned noise (the benchmark sets learn_noise=true)")
         return ReferenceABML(sizes, act, guide.loc, guide.log_precision, lik.raw_noise,
                              guide.inner_steps, guide.inner_lr, guide.inner_samples,
                              guide.kl_weight_inner, learner.model.kl_weight, lik.min_noise,

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="MAML vs ABML on 5-shot sinusoid regression, a few minutes on a CPU")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale the demo's step budget")
+    p.add_argument("--test-tasks", type=int, default=600, help="fixed test tasks to evaluate on (600)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     return parser
@@ -138,7 +139,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for method, steps in DEMO_STEPS.items():
         cfg = resolve(RunConfig(benchmark="sinusoid", method=method, shots=5, device=args.device,
                                 steps=max(1, int(steps * args.steps_scale)), log_every=50,
-                                checkpoint_every=500))
+                                checkpoint_every=500, num_test_tasks=args.test_tasks))
         out = args.out / method
         if (out / "checkpoint.pt").exists():  # continue an interrupted demo; a different run is refused
             out, _ = train_run(cfg, out, resume=True, progress=not args.no_progress, overrides=cfg.to_dict())

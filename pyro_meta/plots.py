@@ -18,6 +18,15 @@ from .learner import MetaLearner  # noqa: E402
 from .tasks import RegressionFamily, TaskBatch  # noqa: E402
 
 
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _grid_batch(batch: TaskBatch, x_range: tuple[float, float], n: int = 200) -> TaskBatch:
     grid = torch.linspace(*x_range, n, dtype=batch.x_support.dtype, device=batch.x_support.device)
     xq = grid[None, :, None].expand(batch.num_tasks, n, 1).contiguous()  # T n 1
@@ -69,12 +78,7 @@ def plot_regression_tasks(learners: Sequence[tuple[str, MetaLearner, int]], batc
         ax.set_xlabel("x")
     axes[0, 0].set_ylabel("y")
     axes[0, 0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_training_curve(metrics_jsonl: str | Path, path: str | Path) -> Path | None:
@@ -83,14 +87,10 @@ def plot_training_curve(metrics_jsonl: str | Path, path: str | Path) -> Path | N
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    loss = [float("nan") if r["loss"] is None else r["loss"] for r in rows]  # null: a skipped step
+    ax.plot([r["step"] for r in rows], loss, lw=1)
     ax.set_xlabel("meta-step")
     ax.set_ylabel("meta-batch loss (per task)")
     ax.set_yscale("symlog")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -182,24 +182,32 @@ def _demo_table(stdout: str) -> dict[str, str]:
     return rows
 
 
-def test_demo_continues_existing_runs(tmp_path):
-    """The demo resumes runs already in --out (as after an interrupted demo): seeded here with tiny
-    configs, so this exercises the whole demo command in seconds."""
+def test_demo_with_a_small_budget(tmp_path):
+    """The whole demo command, scaled down (steps x0.005, 20 test tasks)."""
     out = tmp_path / "demo"
-    for method in ("maml", "abml"):
-        extra = {"eval_samples": 4} if method == "abml" else {}
-        train_run(RunConfig(method=method, steps=3, meta_batch=2, **{**TINY, **extra}), out / method,
-                  progress=False, finalize_run=False)
-    r = pyro_meta("demo", "--steps-scale", 0.005, "--out", out, "--no-progress", cwd=tmp_path)
+    r = pyro_meta("demo", "--steps-scale", 0.005, "--test-tasks", 20, "--out", out, "--no-progress",
+                  cwd=tmp_path)
     rows = _demo_table(r.stdout)
     assert set(rows) == {"maml", "abml"}, r.stdout
     for cells in rows.values():
         assert len(re.findall(r"[-\d.]+ \+-\s*[\d.]+", cells)) == 4
-    assert "demo finished" in r.stdout
+    assert "20 fixed test tasks" in r.stdout and "demo finished" in r.stdout
     assert_png(out / "maml_vs_abml.png")
     # DEMO_STEPS scaled by 0.005: maml 3000 -> 15, abml 2000 -> 10
     assert load_checkpoint(out / "maml" / "checkpoint.pt")["step"] == 15
     assert load_checkpoint(out / "abml" / "checkpoint.pt")["step"] == 10
+
+
+def test_demo_refuses_a_different_run_in_its_folder(tmp_path):
+    """A leftover run with other settings in --out/maml is not passed off as the demo's result."""
+    out = tmp_path / "demo"
+    train_run(RunConfig(method="maml", steps=3, meta_batch=2, **TINY), out / "maml", progress=False,
+              finalize_run=False)
+    before = (out / "maml" / "checkpoint.pt").read_bytes()
+    r = pyro_meta("demo", "--steps-scale", 0.005, "--test-tasks", 20, "--out", out, "--no-progress",
+                  cwd=tmp_path, ok=False)
+    assert r.returncode == 2 and "cannot resume" in r.stderr, r.stderr
+    assert (out / "maml" / "checkpoint.pt").read_bytes() == before
 
 
 @pytest.mark.slow

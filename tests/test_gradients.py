@@ -15,6 +15,8 @@ EPS = 1e-6
 
 
 def _setup(method: str, first_order: bool = False, **kw):
+    if method == "abml":  # a learned noise, so its gradient is checked too
+        kw = {"learn_noise": True, "noise_std": 0.5, **kw}
     cfg = RunConfig(method=method, hidden=[5], inner_steps=2, first_order=first_order, meta_batch=3, **kw)
     learner = build_learner(cfg).double()
     batch = Sinusoid().sample(3, 4, 6, torch.Generator().manual_seed(3)).to(dtype=torch.float64)
