@@ -52,20 +52,25 @@ class Gaussian(Likelihood):
             self.fixed_noise = float(noise_std)
 
     @property
-    def noise_std(self) -> Tensor | float:
+    def noise_std(self) -> Tensor:
+        """sigma as a 0-dim tensor (float64 when fixed, so 1/sqrt(2) stays exact)."""
+        s = self._sigma()
+        return s if isinstance(s, Tensor) else torch.tensor(s, dtype=torch.float64)
+
+    def _sigma(self) -> Tensor | float:
         if self.learn_noise:
             return F.softplus(self.raw_noise) + self.min_noise
         return self.fixed_noise
 
     def forward(self, f: Tensor) -> dist.Distribution:
-        scale = self.noise_std
+        scale = self._sigma()
         scale = scale.to(f.dtype).expand(f.shape) if isinstance(scale, Tensor) else f.new_full(f.shape, scale)
         return dist.Normal(f, scale).to_event(1)
 
     def point_loss(self, f: Tensor, y: Tensor) -> Tensor:
         """``-log N(y | f, sigma)`` summed over outputs, in closed form (no distribution object:
         this runs K times per step inside inner loops)."""
-        sigma = self.noise_std
+        sigma = self._sigma()
         log_sigma = torch.log(sigma) if isinstance(sigma, Tensor) else math.log(sigma)
         z = (y - f) / sigma
         return (0.5 * z * z + log_sigma + 0.5 * math.log(2 * math.pi)).sum(-1)

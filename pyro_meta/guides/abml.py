@@ -92,7 +92,7 @@ class ABMLGuide(nn.Module):
         s0 = (-0.5 * log_prec).expand(shape)
         lr = self.inner_lr
         if self.noise_scaled_lr:
-            lr = self.inner_lr * self.model.likelihood.noise_std ** 2
+            lr = self.inner_lr * self.model.likelihood.noise_std.to(self.loc.dtype) ** 2
         return sgd_adapt(lambda m, s: self.support_loss(m, s, batch, loc, prec, log_prec), (mu0, s0), steps,
                          lr, self.first_order)
 
