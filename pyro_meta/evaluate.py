@@ -52,19 +52,15 @@ def _base(fn: dist.Distribution) -> dist.Distribution:
     return fn
 
 
+@contextlib.contextmanager
 def _rng(seed: int | None, device: torch.device):
+    """Seeded draws inside, the caller's RNG state untouched outside (``seed=None``: no seeding)."""
     if seed is None:
-        return contextlib.nullcontext()
-    devices = [device] if device.type == "cuda" else []
-    ctx = torch.random.fork_rng(devices=devices)
-
-    @contextlib.contextmanager
-    def seeded():
-        with ctx:
-            pyro.set_rng_seed(seed)
-            yield
-
-    return seeded()
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        pyro.set_rng_seed(seed)
+        yield
 
 
 def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int):
@@ -160,6 +156,14 @@ def _select_tasks(pred: Prediction, keep: Tensor) -> Prediction:
                       sel(pred.y_draws), pred.gaussian)
 
 
+def predictive_quantile(pred: Prediction, p: float) -> Tensor:
+    """The ``p`` quantile of the predictive mixture per query point, ``[T, Q, O]``: exact for Gaussian
+    ``p(y | phi)``, else the empirical quantile of the draws."""
+    if pred.gaussian:
+        return M.gaussian_mixture_quantile(p, pred.mean, pred.stddev)
+    return torch.quantile(pred.y_draws.float(), p, dim=0)
+
+
 def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str, float]]:
     """MSE of the predictive mean, NLL of the predictive mixture, and 50%/90% central-interval
     coverage, each as ``{"mean", "ci95", "n"}`` over tasks.
@@ -181,12 +185,8 @@ def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str
         "nll": M.mean_ci(M.mixture_nll(pred.log_lik.flatten(2) if pred.log_lik.dim() > 3 else pred.log_lik)),
     }
     for level in (0.5, 0.9):
-        if pred.gaussian:
-            lo = M.gaussian_mixture_quantile((1 - level) / 2, pred.mean, pred.stddev)
-            hi = M.gaussian_mixture_quantile((1 + level) / 2, pred.mean, pred.stddev)
-        else:
-            lo = torch.quantile(pred.y_draws.float(), (1 - level) / 2, dim=0)
-            hi = torch.quantile(pred.y_draws.float(), (1 + level) / 2, dim=0)
+        lo = predictive_quantile(pred, (1 - level) / 2)
+        hi = predictive_quantile(pred, (1 + level) / 2)
         out[f"coverage{int(level * 100)}"] = M.mean_ci(M.interval_coverage(y, lo, hi))
     out["nonfinite_tasks"] = {"count": bad, "of": batch.num_tasks}
     return out

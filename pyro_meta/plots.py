@@ -12,8 +12,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from . import metrics as M  # noqa: E402
-from .evaluate import predict  # noqa: E402
+from .evaluate import predict, predictive_quantile  # noqa: E402
 from .learner import MetaLearner  # noqa: E402
 from .tasks import RegressionFamily, TaskBatch  # noqa: E402
 
@@ -41,10 +40,7 @@ def predictive_bands(learner: MetaLearner, batch: TaskBatch, x_range: tuple[floa
     out = {"x": g.x_query[..., 0], "mean": pred.mean.mean(0)[..., 0]}
     for level in (0.5, 0.9):
         for side, p in (("lo", (1 - level) / 2), ("hi", (1 + level) / 2)):
-            if pred.gaussian:
-                v = M.gaussian_mixture_quantile(p, pred.mean, pred.stddev)
-            else:
-                v = torch.quantile(pred.y_draws.float(), p, dim=0)
+            v = predictive_quantile(pred, p)
             out[f"{side}{int(level * 100)}"] = v[..., 0]
     return out
 

@@ -7,7 +7,6 @@ atomically), ``metrics.jsonl``, ``eval.json``, ``posterior.nc`` and ``plots/``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import tempfile
@@ -25,7 +24,7 @@ from .learner import MetaLearner
 from .methods import build_learner, protocol_of, resolve
 from .plots import plot_regression_tasks, plot_training_curve
 from .tasks import Benchmark, get_benchmark
-from .train import CHECKPOINT, METRICS, FitResult, fit, load_checkpoint, resolve_device
+from .train import CHECKPOINT, METRICS, FitResult, fit, json_safe, load_checkpoint, resolve_device
 
 CONFIG = "config.json"
 EVAL = "eval.json"
@@ -47,21 +46,10 @@ def protocol_config(cfg: RunConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
 
 
-def _json_safe(x: Any) -> Any:
-    """NaN/inf (e.g. a CI over one task) become null: JSON has no such numbers."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w") as f:
-        json.dump(_json_safe(data), f, indent=2, default=str, allow_nan=False)
+        json.dump(json_safe(data), f, indent=2, default=str, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
 

@@ -109,9 +109,15 @@ def _set_rng_state(state: dict[str, Any], stream: Any) -> None:
         stream.load_state_dict(state["stream"])
 
 
-def finite_or_none(x: float) -> float | None:
-    """JSON has no NaN/inf: non-finite numbers are logged as null."""
-    return x if math.isfinite(x) else None
+def json_safe(x: Any) -> Any:
+    """JSON has no NaN/inf: non-finite floats (a skipped step's loss, a CI over one task) become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
 
 
 class _DeferredInterrupt:
@@ -257,9 +263,8 @@ def fit(
                 if step % log_every == 0 or step == steps:
                     last_loss = loss.item()
                     now = elapsed + time.perf_counter() - t0
-                    rec = {"step": step, "loss": finite_or_none(last_loss),
-                           "grad_norm": finite_or_none(gnorm.item()), "skipped": skipped,
-                           "seconds": round(now, 3)}
+                    rec = json_safe({"step": step, "loss": last_loss, "grad_norm": gnorm.item(),
+                                     "skipped": skipped, "seconds": round(now, 3)})
                     history.append(rec)
                     bar.set_postfix(loss=f"{last_loss:.4g}", skipped=skipped)
                     if log_file is not None:
