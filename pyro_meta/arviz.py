@@ -18,8 +18,14 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy() if t.is_floating_point() else t.detach().cpu().numpy()
 
 
-def _weight_names(learner: MetaLearner, size: int) -> list[str] | None:
-    net = getattr(getattr(learner, "model", None), "net", None)
+def _weight_names(learner: MetaLearner, size: int, site: str) -> list[str] | None:
+    model = getattr(learner, "model", None)
+    named = getattr(model, "site_coords", None)
+    if named is not None:
+        names = named(site)
+        if names is not None and len(names) == size:
+            return names
+    net = getattr(model, "net", None)
     spec = getattr(net, "spec", None)
     if spec is None or spec.num_params != size:
         return None
@@ -42,8 +48,10 @@ def to_inference_data(learner: MetaLearner, batch: TaskBatch, num_samples: int =
     Guide draws are independent, so they are one chain of ``num_samples`` draws. Groups and dims:
 
     - ``posterior``: every guide latent site; per-task sites ``(chain, draw, task, <site>_dim)``,
-      global ones ``(chain, draw, <site>_dim)``; weight coordinates are the network's parameter
-      names (``w0[3,0]``) when the learner's model has a functional ``net``.
+      global ones ``(chain, draw, <site>_dim)``, and a dim per plate inside ``tasks`` (VERSA's per-class
+      ``psi``: ``(chain, draw, task, class, psi_dim)``); weight coordinates are the model's
+      ``site_coords(name)`` (VERSA: ``w[i]``, ``b``) or the network's parameter names (``w0[3,0]``)
+      when the learner's model has a functional ``net``.
     - ``posterior_predictive``: ``y_query`` ``(chain, draw, task, query)``.
     - ``log_likelihood``: ``y_query``: ``log p(y_tq | phi_s)``, ``(chain, draw, task, query)``.
     - ``observed_data``: ``y_query (task, query)``.
@@ -61,15 +69,20 @@ def to_inference_data(learner: MetaLearner, batch: TaskBatch, num_samples: int =
     posterior = {}
     for name, v in pred.latents.items():
         per_task = name in pred.per_task
-        event = v.shape[2:] if per_task else v.shape[1:]
-        arr = _np(v).reshape((1, v.shape[0]) + ((t,) if per_task else ()) + (int(np.prod(event)),) if event else
-                             (1, v.shape[0]) + ((t,) if per_task else ()))
+        inner = pred.inner_plates.get(name, ()) if per_task else ()
+        lead = (t, *v.shape[2:2 + len(inner)]) if per_task else ()  # task (and e.g. class) sizes
+        event = v.shape[1 + len(lead):]
+        arr = _np(v).reshape((1, v.shape[0]) + lead + ((int(np.prod(event)),) if event else ()))
         posterior[name] = arr
         site_dims = ["task"] if per_task else []
+        for plate, size in zip(inner, lead[1:]):
+            dim = "class" if plate == "classes" else plate
+            site_dims.append(dim)
+            coords.setdefault(dim, np.arange(size))
         if event:
             dim = f"{name}_dim"
             site_dims.append(dim)
-            coords[dim] = _weight_names(learner, arr.shape[-1]) or np.arange(arr.shape[-1])
+            coords[dim] = _weight_names(learner, arr.shape[-1], name) or np.arange(arr.shape[-1])
         dims[name] = site_dims
     y_draws = pred.y_draws
     if y_draws.dim() == 4 and y_draws.shape[-1] == 1:

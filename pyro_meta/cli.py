@@ -20,6 +20,9 @@ TRAIN_FLAGS = {
     "method": "method", "shots": "shots", "steps": "steps", "meta_batch": "meta_batch",
     "inner_steps": "inner_steps", "device": "device", "seed": "seed", "first_order": "first_order",
     "skip_nonfinite": "skip_nonfinite", "inner_lr": "inner_lr", "meta_lr": "meta_lr",
+    "ways": "ways", "queries": "queries", "eval_queries": "eval_queries", "data_root": "data_root",
+    "split": "split", "test_tasks": "num_test_tasks", "eval_samples": "eval_samples",
+    "batch_norm": "batch_norm", "objective": "objective",
 }
 
 # The demo's budget: small enough for 2 CPU cores in under 5 minutes, large enough to learn.
@@ -31,12 +34,27 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     S = argparse.SUPPRESS
     p.add_argument("benchmark", nargs="?", default=S, help=f"one of: {', '.join(sorted(BENCHMARKS))}")
     p.add_argument("--method", default=S, help=f"one of: {', '.join(sorted(METHODS))} (default maml)")
-    p.add_argument("--shots", type=int, default=S, help="support points per task (default 5)")
-    p.add_argument("--steps", type=int, default=S, help="meta-updates (default 70000, MAML's)")
-    p.add_argument("--meta-batch", dest="meta_batch", type=int, default=S, help="tasks per meta-batch (25)")
+    p.add_argument("--shots", type=int, default=S, help="support points per task (per class) (default 5)")
+    p.add_argument("--ways", type=int, default=S, help="classes per task (classification; default 5)")
+    p.add_argument("--queries", type=int, default=S,
+                   help="query points per training task (per class); default: the paper's")
+    p.add_argument("--eval-queries", dest="eval_queries", type=int, default=S,
+                   help="query points per test task (per class); Omniglot default: = shots")
+    p.add_argument("--test-tasks", dest="test_tasks", type=int, default=S, help="fixed test tasks (600)")
+    p.add_argument("--eval-samples", dest="eval_samples", type=int, default=S,
+                   help="posterior draws of the test predictive")
+    p.add_argument("--data-root", dest="data_root", default=S,
+                   help="folder with Omniglot's images_background/evaluation (.zip or extracted); default: "
+                        "$PYRO_META_DATA, then the per-user cache directory")
+    p.add_argument("--split", default=S, help="omniglot class split: vinyals (default) or lake")
+    p.add_argument("--batch-norm", dest="batch_norm", default=S, help="conv4 batch norm: task (default) or none")
+    p.add_argument("--objective", default=S, help="VERSA: ml-pip (default, the paper's) or elbo")
+    p.add_argument("--steps", type=int, default=S, help="meta-updates (default: the paper's)")
+    p.add_argument("--meta-batch", dest="meta_batch", type=int, default=S,
+                   help="tasks per meta-batch (default: the paper's)")
     p.add_argument("--inner-steps", dest="inner_steps", type=int, default=S, help="K in meta-training")
     p.add_argument("--inner-lr", dest="inner_lr", type=float, default=S, help="inner SGD step size")
-    p.add_argument("--meta-lr", dest="meta_lr", type=float, default=S, help="Adam step size (1e-3)")
+    p.add_argument("--meta-lr", dest="meta_lr", type=float, default=S, help="Adam step size (the paper's)")
     p.add_argument("--first-order", dest="first_order", action="store_true", default=S,
                    help="drop second-order terms of the meta-gradient")
     p.add_argument("--skip-nonfinite", dest="skip_nonfinite", action="store_true", default=S,
@@ -60,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--max-weights", type=int, default=8, help="weights shown in the summary (8)")
     sub.add_parser("list", help="the benchmarks and methods")
+    p = sub.add_parser("download", help="fetch a dataset's canonical files and verify their MD5")
+    p.add_argument("dataset", choices=["omniglot"])
+    p.add_argument("--root", type=Path, default=None,
+                   help="where to put them (default: the per-user cache directory)")
+    p.add_argument("--url", default=None, help="base URL to fetch from (default: the canonical one)")
     p = sub.add_parser("demo", help="MAML vs ABML on 5-shot sinusoid regression, a few minutes on a CPU")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale the demo's step budget")
@@ -90,7 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         base = RunConfig.load(args.config).to_dict() if args.config else {}
         base.update(given)
         cfg = resolve(RunConfig.from_dict(base, source="command line"))
-        out = args.out or Path("runs") / f"{cfg.benchmark}-{cfg.method}-{cfg.shots}shot-s{cfg.seed}"
+        ways = f"{cfg.ways}way-" if cfg.ways else ""
+        out = args.out or Path("runs") / f"{cfg.benchmark}-{cfg.method}-{ways}{cfg.shots}shot-s{cfg.seed}"
         out, res = train_run(cfg, out, progress=not args.no_progress)
     print(f"trained {res.step} steps in {res.seconds:.1f} s ({res.skipped} skipped); run directory: {out}")
     ev = out / "eval.json"
@@ -130,6 +154,15 @@ def cmd_list(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from .tasks.omniglot import CANONICAL_URL, default_cache_dir, download_omniglot
+
+    root = args.root or default_cache_dir() / "omniglot"
+    path = download_omniglot(root, base_url=args.url or CANONICAL_URL)
+    print(f"Omniglot is in {path}; train with --data-root {root}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .plots import plot_regression_tasks
     from .run import format_metrics_table, train_run
@@ -160,7 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "list": cmd_list,
-            "demo": cmd_demo}
+            "download": cmd_download, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +20,26 @@ class RunConfig:
     # what
     benchmark: str = "sinusoid"
     method: str = "maml"
-    # protocol
+    # protocol (None: the default of the benchmark and method, see pyro_meta.methods.protocol_defaults)
     shots: int = 5
-    queries: int | None = None  # query points per training task; default = shots (MAML's K/K split)
-    meta_batch: int = 25
-    eval_queries: int = 100
+    ways: int | None = None  # classes per task (classification benchmarks only)
+    queries: int | None = None  # query points per training task (per class for classification)
+    meta_batch: int | None = None
+    eval_queries: int | None = None  # query points per evaluation task (per class for classification)
     num_val_tasks: int = 100
     num_test_tasks: int = 600
+    # data (classification benchmarks)
+    data_root: str | None = None  # None: $PYRO_META_DATA, then the per-user cache directory
+    split: str | None = None  # omniglot: "vinyals" (train/val/test classes) or "lake" (background/evaluation)
     # network
-    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    hidden: list[int] | None = None  # the task MLP's hidden widths (regression) or VERSA's amortizer's
     activation: str = "relu"
+    filters: int | None = None  # conv4 channels
+    downsample: str | None = None  # conv4: "maxpool" or "stride"
+    batch_norm: str | None = None  # conv4: "task" (batch statistics per task and set) or "none"
     # optimization
-    steps: int = 70_000
-    meta_lr: float = 1e-3
+    steps: int | None = None
+    meta_lr: float | None = None
     grad_clip: float = 10.0
     # inner loop
     inner_steps: int | None = None
@@ -48,6 +55,10 @@ class RunConfig:
     kl_weight_inner: float | None = None
     kl_weight_outer: float | None = None
     noise_scaled_lr: bool | None = None
+    # VERSA
+    objective: str | None = None  # "ml-pip" (the paper's) or "elbo" (amortized VI with a N(0, I) prior)
+    train_samples: int | None = None  # L, Monte Carlo samples of the training objective
+    local_reparam: bool | None = None
     # evaluation
     eval_samples: int | None = None
     # run
@@ -110,29 +121,34 @@ class RunConfig:
 
         for name in ("benchmark", "method", "activation", "device"):
             want(isinstance(getattr(self, name), str), name, "a string")
-        for name in ("shots", "meta_batch", "eval_queries", "num_val_tasks", "num_test_tasks", "steps",
-                     "log_every", "checkpoint_every"):
+        for name in ("shots", "num_val_tasks", "num_test_tasks", "log_every", "checkpoint_every"):
             pos_int(name)
-        pos_int("queries", allow_none=True)
+        for name in ("ways", "queries", "meta_batch", "eval_queries", "steps", "filters", "train_samples"):
+            pos_int(name, allow_none=True)
         pos_int("inner_steps", allow_none=True, allow_zero=True)
         pos_int("inner_steps_eval", allow_none=True, allow_zero=True)
         pos_int("inner_samples", allow_none=True)
         pos_int("eval_samples", allow_none=True)
         want(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer")
-        for name in ("meta_lr", "grad_clip"):
-            pos_float(name)
-        for name in ("inner_lr", "noise_std", "prior_init_std"):
+        pos_float("grad_clip")
+        for name in ("meta_lr", "inner_lr", "noise_std", "prior_init_std"):
             pos_float(name, allow_none=True)
         for name in ("kl_weight_inner", "kl_weight_outer"):
             pos_float(name, allow_none=True, allow_zero=True)
         for name in ("first_order", "skip_nonfinite"):
             want(isinstance(getattr(self, name), bool), name, "true or false")
-        for name in ("learn_noise", "noise_scaled_lr"):
+        for name, choices in (("split", ("vinyals", "lake")), ("downsample", ("maxpool", "stride")),
+                              ("batch_norm", ("task", "none")), ("objective", ("ml-pip", "elbo"))):
+            v = getattr(self, name)
+            want(v is None or v in choices, name, f"one of {list(choices)} or null")
+        want(self.data_root is None or isinstance(self.data_root, str), "data_root", "a path string or null")
+        for name in ("learn_noise", "noise_scaled_lr", "local_reparam"):
             want(getattr(self, name) is None or isinstance(getattr(self, name), bool), name, "true, false or null")
         from .nn import ACTIVATIONS
 
         want(self.activation in ACTIVATIONS, "activation", f"one of {sorted(ACTIVATIONS)}")
-        want(isinstance(self.hidden, (list, tuple)) and len(self.hidden) >= 1
-             and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.hidden), "hidden",
-             "a non-empty list of positive integers")
-        self.hidden = list(self.hidden)
+        want(self.hidden is None or (isinstance(self.hidden, (list, tuple)) and len(self.hidden) >= 1
+             and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.hidden)), "hidden",
+             "a non-empty list of positive integers or null")
+        if self.hidden is not None:
+            self.hidden = list(self.hidden)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyro
 import pyro.distributions as dist
@@ -24,13 +24,17 @@ SAMPLES_DIM = -3  # left of the tasks plate (-2) and the points plate (-1)
 class Prediction:
     """Posterior-predictive draws on the query points of ``T`` tasks (``S`` draws).
 
-    - ``latents``: guide sample sites; per-task sites ``[S, T, ...]``, global ones ``[S, ...]``.
+    - ``latents``: guide sample sites; per-task sites ``[S, T, ...]``, global ones ``[S, ...]``
+      (empty when predicted with ``keep_latents=False``).
     - ``per_task``: names of the per-task latent sites.
-    - ``mean``, ``stddev``: ``[S, T, Q, O]`` the predictive mean and std of ``p(y | phi_s)``.
+    - ``mean``, ``stddev``: ``[S, T, Q, O]`` the predictive mean and std of ``p(y | phi_s)``
+      (classification: ``mean`` is the class probabilities ``[S, T, Q, C]``, ``stddev`` None).
     - ``log_lik``: ``[S, T, Q]`` ``log p(y_tq | phi_s)`` (``None`` without query labels).
     - ``y_draws``: ``[S, T, Q, ...]`` one draw of ``y`` from each ``p(y | phi_s)``.
     - ``gaussian``: whether ``p(y | phi)`` is a (possibly independent) Normal, so the mixture's
       quantiles are exact.
+    - ``inner_plates``: per-task site -> names of its plates inside ``tasks`` (VERSA's ``psi``:
+      ``("classes",)``, value ``[S, T, C, D]``).
     """
 
     latents: dict[str, Tensor]
@@ -40,6 +44,7 @@ class Prediction:
     log_lik: Tensor | None
     y_draws: Tensor
     gaussian: bool
+    inner_plates: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -63,7 +68,13 @@ def _rng(seed: int | None, device: torch.device):
         yield
 
 
-def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int):
+def _plates(node: dict) -> list[str]:
+    """Names of a site's plates inside "tasks" (e.g. VERSA's "classes"), outermost first."""
+    frames = sorted(node["cond_indep_stack"], key=lambda f: f.dim)
+    return [f.name for f in frames if f.name not in ("tasks", "samples") and f.dim > -3]
+
+
+def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int, keep_latents: bool = True):
     with pyro.plate("samples", num_samples, dim=SAMPLES_DIM):
         guide_tr = poutine.trace(learner.guide).get_trace(batch)
         model_tr = poutine.trace(poutine.replay(learner.model, trace=guide_tr)).get_trace(batch)
@@ -72,16 +83,23 @@ def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int):
                          "query predictive from it")
     site = model_tr.nodes[QUERY_SITE]
     fn = site["fn"]
-    latents, per_task = {}, []
+    latents, per_task, inner = {}, [], {}
     for name, node in guide_tr.nodes.items():
         if node["type"] != "sample" or node["is_observed"] or site_is_subsample(node):
+            continue
+        in_tasks = "tasks" in {f.name for f in node["cond_indep_stack"]}
+        if in_tasks:
+            per_task.append(name)
+            inner[name] = tuple(_plates(node))
+        if not keep_latents:
             continue
         v = node["value"].detach()
         e = node["fn"].event_dim
         v = v.expand((num_samples,) + v.shape[1:]) if v.shape[0] == 1 else v
-        if "tasks" in {f.name for f in node["cond_indep_stack"]}:
-            per_task.append(name)
-            v = v.squeeze(-(e + 1))  # S T 1 *event -> S T *event
+        if in_tasks:
+            if not inner[name]:
+                v = v.squeeze(-(e + 1))  # S T 1 *event -> S T *event
+            # else: S T C *event (a plate inside tasks at dim -1, e.g. VERSA's classes)
         else:
             v = v.reshape(num_samples, *v.shape[v.dim() - e:])  # S 1 1 *event -> S *event
         latents[name] = v
@@ -92,6 +110,7 @@ def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int):
     return {
         "latents": latents,
         "per_task": tuple(per_task),
+        "inner_plates": inner,
         "mean": mean.detach().expand((num_samples,) + mean.shape[1:]),
         "stddev": base.scale.detach().expand_as(mean) if gaussian else None,
         "log_lik": fn.log_prob(y).detach() if y is not None else None,
@@ -100,16 +119,34 @@ def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int):
     }
 
 
+# The most per-task weight values one chunk may draw (samples x tasks x weights): ABML's conv4 has ~1e5
+# weights per task, so 100 draws for 100 tasks at once would be 4 GB.
+CHUNK_VALUES = 50_000_000
+
+
+def default_task_chunk(learner: MetaLearner, num_samples: int, cap: int = 100) -> int:
+    """Tasks per chunk so that ``num_samples * tasks * weights`` stays under :data:`CHUNK_VALUES`."""
+    net = getattr(getattr(learner, "model", None), "net", None)
+    d = getattr(net, "num_params", 0) if not hasattr(learner.model, "theta") else 0  # shared nets: no per-task copy
+    if not d:
+        return cap
+    return max(1, min(cap, CHUNK_VALUES // (num_samples * d)))
+
+
 def predict(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed: int | None = 0,
-            task_chunk: int = 100) -> Prediction:
+            task_chunk: int | None = None, keep_latents: bool = True) -> Prediction:
     """Draw ``num_samples`` posterior-predictive samples for every task of ``batch``.
 
-    The guide runs (its inner loop included) once per chunk of ``task_chunk`` tasks; samples are
-    vectorized by a ``pyro.plate("samples", S, dim=-3)`` around guide and model. A ``seed`` makes the
-    draws reproducible without touching the caller's RNG state.
+    The guide runs (its inner loop included) once per chunk of ``task_chunk`` tasks (default: as many
+    as fit :data:`CHUNK_VALUES`, at most 100); samples are vectorized by a
+    ``pyro.plate("samples", S, dim=-3)`` around guide and model. A ``seed`` makes the draws
+    reproducible without touching the caller's RNG state. ``keep_latents=False`` keeps only the
+    predictive (evaluation of many tasks with large per-task weights).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if task_chunk is None:
+        task_chunk = default_task_chunk(learner, num_samples)
     was_training = learner.training
     learner.eval()
     device = batch.x_support.device
@@ -120,7 +157,7 @@ def predict(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed
         with torch.no_grad(), _rng(seed, device), pyro.validation_enabled(False):
             for start in range(0, batch.num_tasks, task_chunk):
                 sub = batch.select(slice(start, start + task_chunk))
-                chunks.append(_predict_chunk(learner, sub, num_samples))
+                chunks.append(_predict_chunk(learner, sub, num_samples, keep_latents))
     finally:
         learner.train(was_training)
     first = chunks[0]
@@ -134,7 +171,7 @@ def predict(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed
     for name, v in first["latents"].items():
         latents[name] = torch.cat([c["latents"][name] for c in chunks], 1) if name in first["per_task"] else v
     return Prediction(latents, first["per_task"], cat("mean"), cat("stddev"), cat("log_lik"),
-                      cat("y_draws"), first["gaussian"])
+                      cat("y_draws"), first["gaussian"], first["inner_plates"])
 
 
 def finite_tasks(pred: Prediction) -> Tensor:
@@ -153,7 +190,7 @@ def _select_tasks(pred: Prediction, keep: Tensor) -> Prediction:
 
     latents = {k: (v[:, keep] if k in pred.per_task else v) for k, v in pred.latents.items()}
     return Prediction(latents, pred.per_task, sel(pred.mean), sel(pred.stddev), sel(pred.log_lik),
-                      sel(pred.y_draws), pred.gaussian)
+                      sel(pred.y_draws), pred.gaussian, pred.inner_plates)
 
 
 def predictive_quantile(pred: Prediction, p: float) -> Tensor:
@@ -171,15 +208,7 @@ def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str
     Tasks with a non-finite prediction (a diverged inner loop) are left out of these means and
     counted in ``"nonfinite_tasks"``; ``n`` says how many tasks each mean is over.
     """
-    y = batch.y_query
-    if y is None:
-        raise ValueError("metrics need query labels; this TaskBatch has y_query=None")
-    keep = finite_tasks(pred)
-    bad = int((~keep).sum())
-    if bad == batch.num_tasks:
-        raise FloatingPointError(f"every one of the {bad} evaluation tasks gave a non-finite prediction")
-    if bad:
-        pred, y = _select_tasks(pred, keep), y[keep]
+    pred, y, bad = _finite_only(pred, batch)
     out = {
         "mse": M.mean_ci(M.squared_error(pred.mean.mean(0), y)),
         "nll": M.mean_ci(M.mixture_nll(pred.log_lik.flatten(2) if pred.log_lik.dim() > 3 else pred.log_lik)),
@@ -192,10 +221,47 @@ def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str
     return out
 
 
+def _finite_only(pred: Prediction, batch: TaskBatch) -> tuple[Prediction, Tensor, int]:
+    y = batch.y_query
+    if y is None:
+        raise ValueError("metrics need query labels; this TaskBatch has y_query=None")
+    keep = finite_tasks(pred)
+    bad = int((~keep).sum())
+    if bad == batch.num_tasks:
+        raise FloatingPointError(f"every one of the {bad} evaluation tasks gave a non-finite prediction")
+    if bad:
+        pred, y = _select_tasks(pred, keep), y[keep]
+    return pred, y, bad
+
+
+def classification_metrics(pred: Prediction, batch: TaskBatch,
+                           num_bins: int = M.CALIBRATION_BINS) -> dict[str, dict[str, float]]:
+    """Accuracy, NLL and Brier score of the posterior predictive ``p(y | x) = mean_s p(y | x, phi_s)``,
+    each ``{"mean", "ci95", "n"}`` over tasks; ECE and MCE (``num_bins`` equal-width confidence bins,
+    every query prediction of every task pooled) and the reliability bins behind them
+    (``"reliability"``: per-bin count, mean confidence, accuracy). Non-finite tasks as in
+    :func:`regression_metrics`."""
+    pred, y, bad = _finite_only(pred, batch)
+    probs = pred.mean.mean(0)  # T Q C
+    bins = M.calibration_bins(probs, y, num_bins)
+    cal = M.calibration_errors(bins)
+    return {
+        "accuracy": M.mean_ci(M.accuracy(probs, y)),
+        "nll": M.mean_ci(M.mixture_nll(pred.log_lik)),
+        "brier": M.mean_ci(M.brier(probs, y)),
+        "ece": {"value": cal["ece"], "bins": num_bins},
+        "mce": {"value": cal["mce"], "bins": num_bins},
+        "reliability": {k: [None if v != v else float(v) for v in bins[k].tolist()]
+                        for k in ("edges", "count", "confidence", "accuracy")},
+        "nonfinite_tasks": {"count": bad, "of": batch.num_tasks},
+    }
+
+
 def evaluate(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed: int = 0,
-             task_chunk: int = 100) -> tuple[dict[str, dict[str, float]], Prediction]:
-    """Metrics of ``learner`` on ``batch`` (fixed evaluation tasks) and the draws behind them."""
-    pred = predict(learner, batch, num_samples, seed, task_chunk)
+             task_chunk: int | None = None) -> tuple[dict[str, dict[str, float]], Prediction]:
+    """Metrics of ``learner`` on ``batch`` (fixed evaluation tasks) and the draws behind them (without
+    the latent draws, which can be large; :func:`predict` keeps them)."""
+    pred = predict(learner, batch, num_samples, seed, task_chunk, keep_latents=False)
     if batch.is_classification:
-        raise NotImplementedError("classification metrics arrive with the Omniglot issue")
+        return classification_metrics(pred, batch), pred
     return regression_metrics(pred, batch), pred

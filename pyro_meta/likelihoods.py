@@ -86,6 +86,12 @@ class Categorical(Likelihood):
     def forward(self, f: Tensor) -> dist.Distribution:
         return dist.Categorical(logits=f)
 
+    def point_loss(self, f: Tensor, y: Tensor) -> Tensor:
+        """``-log softmax(f)[y]`` per point, ``[..., T, N]``, without a distribution object (inner loops)."""
+        logp = torch.log_softmax(f, dim=-1)  # ..., T, N, C
+        idx = y.expand(logp.shape[:-1]).unsqueeze(-1)  # ..., T, N, 1
+        return -logp.gather(-1, idx).squeeze(-1)
+
     def describe(self) -> dict:
         return {"type": "categorical"}
 

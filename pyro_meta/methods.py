@@ -8,34 +8,53 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from pyro.infer import Trace_ELBO
 
 from .config import ConfigError, RunConfig
-from .guides import ABMLGuide, MAMLGuide
+from .guides import ABMLGuide, MAMLGuide, VERSAGuide
+from .infer import MLPIP
 from .learner import MetaLearner
-from .likelihoods import Gaussian
-from .models import MSE_NOISE_STD, ABMLModel, MAMLModel
-from .nn import MLP, FunctionalNet
-from .tasks import BENCHMARKS
+from .likelihoods import Categorical, Gaussian, Likelihood
+from .models import MSE_NOISE_STD, ABMLModel, MAMLModel, VERSAModel
+from .nn import MLP, Conv4, FunctionalNet
+from .tasks import BENCHMARKS, CLASSIFICATION_BENCHMARKS
 
 # Settings whose meaning and default depend on the method.
 METHOD_FIELDS = ("inner_steps", "inner_steps_eval", "inner_lr", "noise_std", "learn_noise",
                  "prior_init_std", "inner_samples", "kl_weight_inner", "kl_weight_outer", "noise_scaled_lr",
-                 "eval_samples")
+                 "objective", "train_samples", "local_reparam", "eval_samples")
+# Settings of the Gaussian likelihood: meaningless for classification.
+GAUSSIAN_FIELDS = ("noise_std", "learn_noise", "noise_scaled_lr")
+# Settings that only classification benchmarks (images) have.
+CLASSIFICATION_FIELDS = ("ways", "data_root", "split", "filters", "downsample", "batch_norm")
 
 
 @dataclass(frozen=True)
 class MethodInfo:
+    """``defaults(benchmark, ways, shots)``: the method's settings (``METHOD_FIELDS``) on a benchmark."""
+
     name: str
     description: str
-    defaults: dict[str, Any]
+    defaults: Callable[[str, int | None, int], dict[str, Any]]
     build: Callable[[RunConfig, FunctionalNet], MetaLearner]
     protocol: Callable[[RunConfig], dict[str, Any]]
+    benchmarks: tuple[str, ...]
 
 
 def _net(cfg: RunConfig) -> FunctionalNet:
+    """The task network (MAML, ABML: with a ``ways``-wide head) or feature extractor (VERSA)."""
     if cfg.benchmark in ("sinusoid", "sinusoid_line"):
         return MLP([1, *cfg.hidden, 1], cfg.activation)
+    if cfg.benchmark in CLASSIFICATION_BENCHMARKS:
+        return Conv4(None if cfg.method == "versa" else cfg.ways, in_channels=1, image_size=28,
+                     filters=cfg.filters, downsample=cfg.downsample, batch_norm=cfg.batch_norm)
     raise ConfigError(f"no network is defined for benchmark {cfg.benchmark!r}")
+
+
+def _likelihood(cfg: RunConfig) -> Likelihood:
+    if cfg.benchmark in CLASSIFICATION_BENCHMARKS:
+        return Categorical()
+    return Gaussian(cfg.noise_std, cfg.learn_noise)
 
 
 def _init(net: FunctionalNet, seed: int) -> torch.Tensor:
@@ -43,7 +62,7 @@ def _init(net: FunctionalNet, seed: int) -> torch.Tensor:
 
 
 def _build_maml(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
-    model = MAMLModel(net, Gaussian(cfg.noise_std, cfg.learn_noise))
+    model = MAMLModel(net, _likelihood(cfg))
     guide = MAMLGuide(model, _init(net, cfg.seed), cfg.inner_steps, cfg.inner_steps_eval, cfg.inner_lr,
                       cfg.first_order)
     return MetaLearner(model, guide, name="maml", protocol=_maml_protocol(cfg))
@@ -53,17 +72,32 @@ def _maml_protocol(cfg: RunConfig) -> dict[str, Any]:
     return {
         "paper": "Finn, Abbeel & Levine, Model-Agnostic Meta-Learning, ICML 2017",
         "objective": "query-set loss after adaptation (Trace_ELBO with a Delta guide and a flat prior)",
-        "inner_loss": "mean squared error on the support set (Gaussian NLL, std 1/sqrt(2), minus const)"
-        if not cfg.learn_noise and math.isclose(cfg.noise_std, MSE_NOISE_STD) else
-        "mean Gaussian NLL on the support set",
+        "inner_loss": _maml_inner_loss(cfg),
         "gradient_order": "first" if cfg.first_order else "second",
-        "batch_norm": "none (MLP)",
+        "batch_norm": _bn_text(cfg),
         "outer_scored_sets": "query",
     }
 
 
+def _maml_inner_loss(cfg: RunConfig) -> str:
+    if cfg.benchmark in CLASSIFICATION_BENCHMARKS:
+        return "mean softmax cross-entropy on the support set (Categorical NLL)"
+    if not cfg.learn_noise and math.isclose(cfg.noise_std, MSE_NOISE_STD):
+        return "mean squared error on the support set (Gaussian NLL, std 1/sqrt(2), minus const)"
+    return "mean Gaussian NLL on the support set"
+
+
+def _bn_text(cfg: RunConfig) -> str:
+    if cfg.benchmark not in CLASSIFICATION_BENCHMARKS:
+        return "none (MLP)"
+    if cfg.batch_norm == "none":
+        return "none"
+    return ("per-task batch statistics, computed separately over each task's support set and over its "
+            "query set, in training and at test (transductive over the query set; no running averages)")
+
+
 def _build_abml(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
-    model = ABMLModel(net, Gaussian(cfg.noise_std, cfg.learn_noise), kl_weight=cfg.kl_weight_outer)
+    model = ABMLModel(net, _likelihood(cfg), kl_weight=cfg.kl_weight_outer)
     guide = ABMLGuide(model, _init(net, cfg.seed), cfg.prior_init_std, cfg.inner_steps,
                       cfg.inner_steps_eval, cfg.inner_lr, cfg.inner_samples, cfg.kl_weight_inner,
                       cfg.first_order, cfg.noise_scaled_lr)
@@ -86,27 +120,102 @@ def _abml_protocol(cfg: RunConfig) -> dict[str, Any]:
         "variance_parameterization": "q: log std (clamped to [-15, 5] where exponentiated); "
                                      "prior: precision = exp(r) + 1e-6 (r clamped at 40)",
         "gradient_order": "first" if cfg.first_order else "second",
-        "batch_norm": "none (MLP)",
+        "batch_norm": _bn_text(cfg),
         "outer_scored_sets": "support+query",
     }
+
+
+def _build_versa(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
+    model = VERSAModel(net, _init(net, cfg.seed))
+    torch.manual_seed(cfg.seed)  # the amortizer's nn.Linear layers draw from the global RNG
+    guide = VERSAGuide(model, cfg.hidden)
+    objective = MLPIP(cfg.train_samples, cfg.local_reparam) if cfg.objective == "ml-pip" else \
+        Trace_ELBO(num_particles=cfg.train_samples, vectorize_particles=True, max_plate_nesting=2)
+    return MetaLearner(model, guide, objective, name="versa", protocol=_versa_protocol(cfg))
+
+
+def _versa_protocol(cfg: RunConfig) -> dict[str, Any]:
+    mlpip = cfg.objective == "ml-pip"
+    return {
+        "paper": "Gordon, Bronskill, Bauer, Nowozin & Turner, Meta-Learning Probabilistic Inference for "
+                 "Prediction (VERSA), ICLR 2019",
+        "objective": "ML-PIP: -mean over tasks and query points of log((1/L) sum_l p(y | x, psi_l)), no KL"
+        if mlpip else "Trace_ELBO on the query set with a N(0, I) prior on each class's psi (amortized VI)",
+        "samples_L": cfg.train_samples,
+        "estimator": ("local reparameterization: logits sampled per query point from the Gaussian that "
+                      "q(psi) induces" if cfg.local_reparam else "L weight samples per task")
+        if mlpip else "L weight samples per task (vectorized particles)",
+        "amortizer": f"per class, on the mean-pooled support features: ELU layers {list(cfg.hidden)}, "
+                     "separate mean and log-variance heads for the weights and the bias",
+        "feature_extractor": "shared conv4, point estimate (no prior)",
+        "queries_per_class_train": cfg.queries,
+        "queries_per_class_test": cfg.eval_queries,
+        "batch_norm": _bn_text(cfg),
+        "outer_scored_sets": "query",
+    }
+
+
+def _maml_defaults(benchmark: str, ways: int | None, shots: int) -> dict[str, Any]:
+    if benchmark in CLASSIFICATION_BENCHMARKS:
+        # MAML's Omniglot protocol (ANCHORS.md): 5-way: 1 inner step of 0.4; 20-way: 5 steps of 0.1.
+        # At test, 10 steps (our choice; the step size is the training one).
+        five = (ways or 5) <= 5
+        return {"inner_steps": 1 if five else 5, "inner_steps_eval": 10, "inner_lr": 0.4 if five else 0.1,
+                "eval_samples": 1}
+    return {"inner_steps": 1, "inner_steps_eval": 10, "inner_lr": 0.01, "noise_std": MSE_NOISE_STD,
+            "learn_noise": False, "eval_samples": 1}
+
+
+def _abml_defaults(benchmark: str, ways: int | None, shots: int) -> dict[str, Any]:
+    if benchmark in CLASSIFICATION_BENCHMARKS:
+        # The ABML paper has no Omniglot protocol: ours. inner_lr * prior precision / support points must
+        # stay below 2 for the inner mean update to be stable (0.05 * 100 / 5 = 1 at 5-way 1-shot).
+        return {"inner_steps": 5, "inner_steps_eval": 10, "inner_lr": 0.05, "prior_init_std": 0.1,
+                "inner_samples": 1, "kl_weight_inner": 1.0, "kl_weight_outer": 1.0, "eval_samples": 10}
+    # Observation noise: fixed at MAML's 1/sqrt(2) so both methods share one likelihood. A learned
+    # noise (learn_noise=true) grew to ~1.6 on sinusoids and absorbed the misfit, and q stopped
+    # moving away from the prior (README, "Protocol choices").
+    return {"inner_steps": 5, "inner_steps_eval": 5, "inner_lr": 0.01, "noise_std": MSE_NOISE_STD,
+            "learn_noise": False, "prior_init_std": 0.1, "inner_samples": 1, "kl_weight_inner": 1.0,
+            "kl_weight_outer": 1.0, "noise_scaled_lr": False, "eval_samples": 100}
+
+
+def _versa_defaults(benchmark: str, ways: int | None, shots: int) -> dict[str, Any]:
+    # VERSA's protocol (ANCHORS.md): L = 10, ML-PIP with local reparameterization
+    return {"objective": "ml-pip", "train_samples": 10, "local_reparam": True, "eval_samples": 100}
 
 
 METHODS: dict[str, MethodInfo] = {
     "maml": MethodInfo(
         "maml", "MAML, the point-estimate baseline (Delta guide from K SGD steps)",
-        {"inner_steps": 1, "inner_steps_eval": 10, "inner_lr": 0.01, "noise_std": MSE_NOISE_STD,
-         "learn_noise": False, "eval_samples": 1},
-        _build_maml, _maml_protocol),
+        _maml_defaults, _build_maml, _maml_protocol, ("sinusoid", "sinusoid_line", "omniglot")),
     "abml": MethodInfo(
         "abml", "ABML: hyperprior on a Gaussian prior; Gaussian guide from K SGD steps on the support ELBO",
-        # Observation noise: fixed at MAML's 1/sqrt(2) so both methods share one likelihood. A learned
-        # noise (learn_noise=true) grew to ~1.6 on sinusoids and absorbed the misfit, and q stopped
-        # moving away from the prior (README, "Protocol choices").
-        {"inner_steps": 5, "inner_steps_eval": 5, "inner_lr": 0.01, "noise_std": MSE_NOISE_STD,
-         "learn_noise": False, "prior_init_std": 0.1, "inner_samples": 1, "kl_weight_inner": 1.0,
-         "kl_weight_outer": 1.0, "noise_scaled_lr": False, "eval_samples": 100},
-        _build_abml, _abml_protocol),
+        _abml_defaults, _build_abml, _abml_protocol, ("sinusoid", "sinusoid_line", "omniglot")),
+    "versa": MethodInfo(
+        "versa", "VERSA: per-class amortized Gaussian over a linear head on a shared feature extractor; ML-PIP",
+        _versa_defaults, _build_versa, _versa_protocol, ("omniglot",)),
 }
+
+
+def protocol_defaults(benchmark: str, method: str, ways: int | None, shots: int) -> dict[str, Any]:
+    """The benchmark-level settings a run gets when it does not set them (the papers' protocols)."""
+    if benchmark not in CLASSIFICATION_BENCHMARKS:
+        return {"steps": 70_000, "meta_batch": 25, "meta_lr": 1e-3, "queries": shots, "eval_queries": 100,
+                "hidden": [40, 40]}
+    ways = ways or 5
+    out: dict[str, Any] = {"ways": ways, "split": "vinyals", "filters": 64, "batch_norm": "task",
+                           "eval_queries": shots}  # test query = shot per class (MAML's and VERSA's code)
+    if method == "versa":
+        # 80k iterations (20-way 5-shot 60k, 20-way 1-shot 100k), 16 tasks, Adam 1e-4, 15 queries per class
+        steps = 100_000 if (ways, shots) == (20, 1) else 60_000 if (ways, shots) == (20, 5) else 80_000
+        out.update(steps=steps, meta_batch=16, meta_lr=1e-4, queries=15, downsample="maxpool",
+                   hidden=[256, 256, 256])
+    else:
+        # MAML: 60k iterations, Adam 1e-3, meta-batch 32 (5-way) / 16 (20-way), strided convs, K/K split
+        out.update(steps=60_000, meta_batch=32 if ways <= 5 else 16, meta_lr=1e-3, queries=shots,
+                   downsample="stride")
+    return out
 
 
 def get_method(name: str) -> MethodInfo:
@@ -116,23 +225,34 @@ def get_method(name: str) -> MethodInfo:
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
-    """Fill every method-dependent ``None`` with the method's default; reject settings that the
-    method does not use, unknown methods and unknown benchmarks."""
+    """Fill every ``None`` with the benchmark's and method's default; reject settings that the method or
+    the benchmark does not use, unknown methods and unknown benchmarks."""
     cfg.check()
     info = get_method(cfg.method)
     if cfg.benchmark not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {cfg.benchmark!r}; known: {', '.join(sorted(BENCHMARKS))}")
+    if cfg.benchmark not in info.benchmarks:
+        raise ConfigError(f"method {cfg.method!r} runs on {', '.join(info.benchmarks)}, not on {cfg.benchmark!r}")
+    classification = cfg.benchmark in CLASSIFICATION_BENCHMARKS
     updates: dict[str, Any] = {}
+    defaults = info.defaults(cfg.benchmark, cfg.ways, cfg.shots)
     for name in METHOD_FIELDS:
         v = getattr(cfg, name)
-        if name not in info.defaults:
+        if name not in defaults:
             if v is not None:
-                raise ConfigError(f"{name} is not a setting of method {cfg.method!r} "
-                                  f"(its settings: {sorted(info.defaults)})")
+                raise ConfigError(f"{name} is not a setting of method {cfg.method!r} on {cfg.benchmark!r} "
+                                  f"(its settings: {sorted(defaults)})")
             continue
-        updates[name] = info.defaults[name] if v is None else v
-    if cfg.queries is None:
-        updates["queries"] = cfg.shots
+        updates[name] = defaults[name] if v is None else v
+    if not classification:
+        given = [k for k in CLASSIFICATION_FIELDS if getattr(cfg, k) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: setting(s) of classification benchmarks, not of {cfg.benchmark!r}")
+    for name, v in protocol_defaults(cfg.benchmark, cfg.method, cfg.ways, cfg.shots).items():
+        if getattr(cfg, name) is None:
+            updates[name] = v
+    if classification and cfg.method != "versa" and cfg.hidden is not None:
+        raise ConfigError(f"hidden is VERSA's amortizer width; {cfg.method!r} on {cfg.benchmark!r} uses conv4")
     out = replace(cfg, **updates)
     out.check()
     return out

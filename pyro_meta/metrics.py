@@ -61,3 +61,62 @@ def interval_coverage(y: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
     """Per-task fraction of ``y [T, Q, ...]`` inside ``[lower, upper]`` -> ``[T]``."""
     inside = ((y >= lower) & (y <= upper)).to(torch.float64)
     return inside.flatten(1).mean(-1)
+
+
+# ---------------------------------------------------------------------------- classification
+CALIBRATION_BINS = 15  # the standard for ECE/MCE (Guo et al. 2017; ABML and BMAML report with it)
+
+
+def _check_probs(probs: Tensor, y: Tensor) -> None:
+    if probs.dim() < 2 or y.shape != probs.shape[:-1]:
+        raise ValueError(f"expected probs [..., C] and labels [...] with matching leading dims, got "
+                         f"probs {tuple(probs.shape)} and labels {tuple(y.shape)}")
+    if y.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 class indices, got {y.dtype}")
+
+
+def accuracy(probs: Tensor, y: Tensor) -> Tensor:
+    """Per-task accuracy of the predictive's most probable class: ``probs [T, Q, C]``, ``y [T, Q]`` -> ``[T]``."""
+    _check_probs(probs, y)
+    return (probs.argmax(-1) == y).to(torch.float64).flatten(1).mean(-1)
+
+
+def brier(probs: Tensor, y: Tensor) -> Tensor:
+    """Per-task Brier score ``mean_q sum_c (p_qc - 1[y_q = c])^2`` (0 is perfect, 2 the worst):
+    ``probs [T, Q, C]``, ``y [T, Q]`` -> ``[T]``."""
+    _check_probs(probs, y)
+    onehot = torch.nn.functional.one_hot(y, probs.shape[-1]).to(probs.dtype)
+    return ((probs - onehot) ** 2).sum(-1).to(torch.float64).flatten(1).mean(-1)
+
+
+def calibration_bins(probs: Tensor, y: Tensor, num_bins: int = CALIBRATION_BINS) -> dict[str, Tensor]:
+    """Reliability statistics of the top-class confidence over every prediction pooled.
+
+    Bins are ``num_bins`` equal-width intervals of confidence ``(k/B, (k+1)/B]`` (the first one also
+    holds 0). ``probs [..., C]``, ``y [...]`` -> ``{"edges" [B+1], "count" [B], "confidence" [B],
+    "accuracy" [B]}``; empty bins have NaN confidence and accuracy.
+    """
+    _check_probs(probs, y)
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    conf, pred = probs.detach().to(torch.float64).max(-1)
+    conf, correct = conf.flatten(), (pred == y).to(torch.float64).flatten()
+    edges = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64, device=conf.device)
+    # bin k holds (edges[k], edges[k+1]]: bucketize with right=False gives i such that e[i-1] < c <= e[i]
+    idx = (torch.bucketize(conf, edges, right=False) - 1).clamp(0, num_bins - 1)
+    count = torch.zeros(num_bins, dtype=torch.float64, device=conf.device).index_add_(0, idx, torch.ones_like(conf))
+    s_conf = torch.zeros_like(count).index_add_(0, idx, conf)
+    s_acc = torch.zeros_like(count).index_add_(0, idx, correct)
+    with torch.no_grad():
+        mean_conf = torch.where(count > 0, s_conf / count.clamp(min=1), torch.full_like(count, float("nan")))
+        mean_acc = torch.where(count > 0, s_acc / count.clamp(min=1), torch.full_like(count, float("nan")))
+    return {"edges": edges.cpu(), "count": count.cpu(), "confidence": mean_conf.cpu(), "accuracy": mean_acc.cpu()}
+
+
+def calibration_errors(bins: dict[str, Tensor]) -> dict[str, float]:
+    """Expected and maximum calibration error from :func:`calibration_bins`:
+    ``ECE = sum_k (n_k / n) |acc_k - conf_k|``, ``MCE = max_k |acc_k - conf_k|`` over non-empty bins."""
+    full = bins["count"] > 0
+    gap = (bins["accuracy"][full] - bins["confidence"][full]).abs()
+    n = bins["count"].sum()
+    return {"ece": float((bins["count"][full] / n * gap).sum()), "mce": float(gap.max())}

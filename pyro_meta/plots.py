@@ -90,3 +90,34 @@ def plot_training_curve(metrics_jsonl: str | Path, path: str | Path) -> Path | N
     ax.set_yscale("symlog")
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_reliability(reliability: dict[str, list], path: str | Path, title: str = "") -> Path:
+    """Reliability diagram: accuracy against mean confidence per confidence bin (bars), the diagonal
+    of perfect calibration, the gap to it, and how many predictions each bin holds (lower panel).
+    ``reliability``: ``{"edges", "count", "confidence", "accuracy"}`` as in ``eval.json``."""
+    edges = torch.tensor(reliability["edges"], dtype=torch.float64)
+    count = torch.tensor(reliability["count"], dtype=torch.float64)
+    acc = torch.tensor([float("nan") if v is None else v for v in reliability["accuracy"]], dtype=torch.float64)
+    conf = torch.tensor([float("nan") if v is None else v for v in reliability["confidence"]], dtype=torch.float64)
+    left, width = edges[:-1], edges[1:] - edges[:-1]
+    full = count > 0
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(4.4, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(left[full], acc[full], width=width[full], align="edge", color="tab:blue", edgecolor="black", lw=0.5,
+           label="accuracy")
+    gap_lo, gap_hi = torch.minimum(acc, conf), torch.maximum(acc, conf)
+    ax.bar(left[full], (gap_hi - gap_lo)[full], bottom=gap_lo[full], width=width[full], align="edge",
+           color="tab:red", alpha=0.3, hatch="//", lw=0, label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper left")
+    if title:
+        ax.set_title(title, fontsize=9)
+    frac = count / count.sum().clamp(min=1)
+    axn.bar(left, frac, width=width, align="edge", color="gray", edgecolor="black", lw=0.5)
+    axn.set_yscale("log")
+    axn.set_xlim(0, 1)
+    axn.set_xlabel("confidence (top-class predictive probability)")
+    axn.set_ylabel("fraction")
+    return _save(fig, path)

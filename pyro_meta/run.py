@@ -22,7 +22,7 @@ from .config import ConfigError, RunConfig
 from .evaluate import evaluate, predict
 from .learner import MetaLearner
 from .methods import build_learner, protocol_of, resolve
-from .plots import plot_regression_tasks, plot_training_curve
+from .plots import plot_regression_tasks, plot_reliability, plot_training_curve
 from .tasks import Benchmark, get_benchmark
 from .train import CHECKPOINT, METRICS, FitResult, fit, json_safe, load_checkpoint, resolve_device
 
@@ -30,15 +30,18 @@ CONFIG = "config.json"
 EVAL = "eval.json"
 POSTERIOR = "posterior.nc"
 # Settings that may change when a run is resumed: they do not change what is computed.
-RESUMABLE = ("steps", "device", "log_every", "checkpoint_every", "skip_nonfinite")
+RESUMABLE = ("steps", "device", "log_every", "checkpoint_every", "skip_nonfinite", "data_root")
 # posterior.nc holds the first few test tasks: all 600 would be hundreds of MB of weight draws.
 EXPORT_TASKS = 20
+# ... and at most this many per-task weight values (draws x tasks x weights): conv4 has ~1e5 weights.
+EXPORT_VALUES = 5_000_000
 
 
 def benchmark_of(cfg: RunConfig) -> Benchmark:
     return get_benchmark(cfg.benchmark, shots=cfg.shots, queries=cfg.queries, meta_batch=cfg.meta_batch,
                          eval_queries=cfg.eval_queries, num_val_tasks=cfg.num_val_tasks,
-                         num_test_tasks=cfg.num_test_tasks, seed=cfg.seed)
+                         num_test_tasks=cfg.num_test_tasks, seed=cfg.seed, ways=cfg.ways,
+                         data_root=cfg.data_root, split=cfg.split)
 
 
 def protocol_config(cfg: RunConfig) -> dict[str, Any]:
@@ -148,7 +151,8 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, learner: Met
     test = bm.test.to(cfg.device)
     metrics, _ = evaluate(learner, test, num_samples=cfg.eval_samples, seed=cfg.seed)
     ckpt_step = load_checkpoint(run_dir / CHECKPOINT)["step"] if (run_dir / CHECKPOINT).exists() else None
-    report = {"method": cfg.method, "benchmark": cfg.benchmark, "shots": cfg.shots, "step": ckpt_step,
+    report = {"method": cfg.method, "benchmark": cfg.benchmark, "ways": cfg.ways, "shots": cfg.shots,
+              "step": ckpt_step,
               "num_test_tasks": test.num_tasks, "eval_queries": cfg.eval_queries,
               "eval_samples": cfg.eval_samples, "inner_steps_eval": cfg.inner_steps_eval,
               "metrics": metrics}
@@ -163,6 +167,9 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, learner: Met
 def export_run(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark) -> Path:
     sub = bm.test.select(slice(0, EXPORT_TASKS)).to(cfg.device)
     samples = max(cfg.eval_samples, 1)
+    model = learner.model
+    if not hasattr(model, "theta") and hasattr(getattr(model, "net", None), "num_params"):
+        samples = max(1, min(samples, EXPORT_VALUES // (sub.num_tasks * model.net.num_params)))
     pred = predict(learner, sub, samples, seed=cfg.seed)
     idata = to_inference_data(learner, sub, prediction=pred)
     tmp = run_dir / f".{POSTERIOR}.tmp"
@@ -175,8 +182,14 @@ def finalize(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark)
     """``eval.json``, ``posterior.nc`` and the plots of a finished run."""
     report = evaluate_run(run_dir, cfg, learner, bm)
     export_run(run_dir, cfg, learner, bm)
-    plot_regression_tasks([(cfg.method, learner, max(cfg.eval_samples, 1))], bm.test.to(cfg.device),
-                          bm.family, run_dir / "plots" / "predictive.png", seed=cfg.seed)
+    if bm.is_classification:
+        m = report["metrics"]
+        plot_reliability(m["reliability"], run_dir / "plots" / "reliability.png",
+                         title=f"{cfg.method}, Omniglot {cfg.ways}-way {cfg.shots}-shot: accuracy "
+                               f"{m['accuracy']['mean']:.3f}, ECE {m['ece']['value']:.3f}")
+    else:
+        plot_regression_tasks([(cfg.method, learner, max(cfg.eval_samples, 1))], bm.test.to(cfg.device),
+                              bm.family, run_dir / "plots" / "predictive.png", seed=cfg.seed)
     if (run_dir / METRICS).exists():
         plot_training_curve(run_dir / METRICS, run_dir / "plots" / "training_loss.png")
     return report
@@ -184,6 +197,8 @@ def finalize(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark)
 
 def format_metrics_table(reports: list[dict[str, Any]]) -> str:
     """A plain-text table of test metrics (mean +- 95% CI over tasks), one row per run."""
+    if reports and "accuracy" in reports[0]["metrics"]:
+        return _format_classification(reports)
     cols = ("mse", "nll", "coverage50", "coverage90")
     head = f"{'method':<8} {'shots':>5} " + " ".join(f"{c:>17}" for c in cols)
     lines = [head, "-" * len(head)]
@@ -192,6 +207,19 @@ def format_metrics_table(reports: list[dict[str, Any]]) -> str:
         cells = " ".join(f"{m[c]['mean']:>9.3f} +-{m[c]['ci95']:>6.3f}" for c in cols)
         bad = m.get("nonfinite_tasks", {}).get("count", 0)
         lines.append(f"{r['method']:<8} {r['shots']:>5} {cells}" + (f"  ({bad} diverged tasks left out)" if bad else ""))
+    return "\n".join(lines)
+
+
+def _format_classification(reports: list[dict[str, Any]]) -> str:
+    head = (f"{'method':<8} {'ways':>4} {'shots':>5} {'accuracy':>17} {'nll':>17} {'brier':>17} "
+            f"{'ECE':>6} {'MCE':>6}")
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        m = r["metrics"]
+        cells = " ".join(f"{m[c]['mean']:>9.4f} +-{m[c]['ci95']:>6.4f}" for c in ("accuracy", "nll", "brier"))
+        bad = m.get("nonfinite_tasks", {}).get("count", 0)
+        lines.append(f"{r['method']:<8} {r.get('ways', ''):>4} {r['shots']:>5} {cells} {m['ece']['value']:>6.4f} "
+                     f"{m['mce']['value']:>6.4f}" + (f"  ({bad} diverged tasks left out)" if bad else ""))
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_close
 
 from pyro_meta.arviz import to_inference_data
-from pyro_meta.evaluate import evaluate
+from pyro_meta.evaluate import predict
 from pyro_meta.methods import build_learner, resolve
 from pyro_meta.run import benchmark_of
 from pyro_meta.train import fit
@@ -97,7 +97,7 @@ def test_data_groups(setup):
 
 def test_log_likelihood_equals_the_evaluators(setup):
     _, learner, batch, idata = setup
-    _, pred = evaluate(learner, batch, num_samples=NUM_SAMPLES, seed=0)
+    pred = predict(learner, batch, NUM_SAMPLES, seed=0)
     assert_close(idata.log_likelihood["y_query"].values[0], pred.log_lik, rtol=0, atol=0)
     assert_close(idata.posterior["phi"].values[0], pred.latents["phi"], rtol=0, atol=0)
 
@@ -144,7 +144,7 @@ def test_netcdf_round_trip_summary_and_loo(setup, tmp_path):
 
 def test_reusing_a_prediction(setup):
     _, learner, batch, idata = setup
-    _, pred = evaluate(learner, batch, num_samples=NUM_SAMPLES, seed=0)
+    pred = predict(learner, batch, NUM_SAMPLES, seed=0)
     again = to_inference_data(learner, batch, prediction=pred)
     for group in idata.groups():
         for name, var in getattr(idata, group).data_vars.items():

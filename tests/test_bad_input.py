@@ -217,19 +217,19 @@ def test_unknown_method_in_python(fn):
 @pytest.mark.parametrize("fn", [resolve, build_learner])
 def test_unknown_benchmark_in_python(fn):
     with pytest.raises(ConfigError) as ei:
-        fn(RunConfig(benchmark="omniglot"))
+        fn(RunConfig(benchmark="cifar_fs"))
     msg = str(ei.value)
-    assert "unknown benchmark 'omniglot'" in msg and "sinusoid" in msg and "sinusoid_line" in msg
+    assert "unknown benchmark 'cifar_fs'" in msg and "sinusoid" in msg and "omniglot" in msg
 
 
 def test_get_benchmark_unknown_name():
-    with pytest.raises(ProtocolError, match="unknown benchmark 'omniglot'.*sinusoid"):
-        get_benchmark("omniglot")
+    with pytest.raises(ProtocolError, match="unknown benchmark 'cifar_fs'.*sinusoid"):
+        get_benchmark("cifar_fs")
 
 
 @pytest.mark.parametrize("args,fragments", [
     (["sinusoid", "--method", "reptile"], ["unknown method 'reptile'", "abml", "maml"]),
-    (["omniglot"], ["unknown benchmark 'omniglot'", "sinusoid"]),
+    (["cifar_fs"], ["unknown benchmark 'cifar_fs'", "sinusoid", "omniglot"]),
 ])
 def test_cli_unknown_method_or_benchmark(tmp_path, args, fragments):
     out = tmp_path / "x"

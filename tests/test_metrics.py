@@ -167,3 +167,55 @@ def test_interval_coverage_broadcasts_multi_output():
     lower = torch.tensor([[[-1.0, 1.0], [-1.0, -1.0]]])
     upper = torch.tensor([[[1.0, 2.0], [1.0, 1.0]]])
     assert_close(M.interval_coverage(y, lower, upper), [0.75], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- classification
+def test_accuracy_and_brier_by_hand():
+    probs = torch.tensor([[[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]],
+                          [[0.5, 0.5, 0.0], [0.2, 0.2, 0.6]]], dtype=torch.float64)
+    y = torch.tensor([[0, 1], [1, 2]])
+    # task 0: argmax 0 (right), 2 (wrong); task 1: argmax 0 (tie -> first index, wrong), 2 (right)
+    assert_close(M.accuracy(probs, y), [0.5, 0.5], rtol=0, atol=0)
+    b0 = ((0.3**2 + 0.2**2 + 0.1**2) + (0.1**2 + 0.7**2 + 0.6**2)) / 2
+    b1 = ((0.5**2 + 0.5**2 + 0.0) + (0.2**2 + 0.2**2 + 0.4**2)) / 2
+    assert_close(M.brier(probs, y), [b0, b1], rtol=1e-12)
+
+
+def test_ece_mce_hand_made_case():
+    # four predictions, 2 classes; confidences 0.55, 0.65 (bin (0.533, 0.6] and (0.6, 0.667]),
+    # and two at 0.95 (bin (0.933, 1]); 15 equal-width bins
+    probs = torch.tensor([[0.55, 0.45], [0.35, 0.65], [0.95, 0.05], [0.05, 0.95]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 0])  # right, wrong, right, wrong
+    bins = M.calibration_bins(probs, y, num_bins=15)
+    full = bins["count"] > 0
+    assert bins["count"].sum() == 4 and int(full.sum()) == 3
+    assert_close(bins["count"][full], [1, 1, 2], rtol=0)
+    assert_close(bins["confidence"][full], [0.55, 0.65, 0.95], rtol=1e-12)
+    assert_close(bins["accuracy"][full], [1.0, 0.0, 0.5], rtol=0)
+    err = M.calibration_errors(bins)
+    # ECE = 1/4 |1 - .55| + 1/4 |0 - .65| + 2/4 |.5 - .95| = .1125 + .1625 + .225
+    assert_close(err["ece"], 0.5, rtol=1e-12)
+    assert_close(err["mce"], 0.65, rtol=1e-12)
+
+
+def test_perfectly_calibrated_predictions_have_zero_ece():
+    # in each bin the accuracy equals the confidence exactly: 0.75 confidence, 3 of 4 right
+    probs = torch.tensor([[0.75, 0.25]] * 4 + [[0.0, 1.0]] * 3, dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    err = M.calibration_errors(M.calibration_bins(probs, y))
+    assert_close(err["ece"], 0.0, atol=1e-15)
+    assert_close(err["mce"], 0.0, atol=1e-15)
+
+
+def test_bin_edges_are_right_closed():
+    # a confidence of exactly 2/3 (10/15) belongs to bin 9, (9/15, 10/15]; 1.0 to the last bin
+    probs = torch.tensor([[2 / 3, 1 / 3], [1.0, 0.0]], dtype=torch.float64)
+    bins = M.calibration_bins(probs, torch.tensor([0, 0]), num_bins=15)
+    assert bins["count"][9] == 1 and bins["count"][14] == 1 and bins["count"].sum() == 2
+
+
+def test_classification_metrics_reject_bad_input():
+    with pytest.raises(ValueError, match="int64"):
+        M.accuracy(torch.rand(2, 3, 4), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="matching leading dims"):
+        M.brier(torch.rand(2, 3, 4), torch.zeros(2, 4, dtype=torch.int64))

@@ -2,5 +2,6 @@
 
 from .abml import ABMLGuide, gaussian_kl
 from .maml import MAMLGuide
+from .versa import VERSAGuide, class_means
 
-__all__ = ["ABMLGuide", "MAMLGuide", "gaussian_kl"]
+__all__ = ["ABMLGuide", "MAMLGuide", "VERSAGuide", "class_means", "gaussian_kl"]

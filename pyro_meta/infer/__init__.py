@@ -1,5 +1,6 @@
 """Pieces that several methods share."""
 
 from .adapt import sgd_adapt
+from .losses import MLPIP, log_mean_exp
 
-__all__ = ["sgd_adapt"]
+__all__ = ["MLPIP", "log_mean_exp", "sgd_adapt"]

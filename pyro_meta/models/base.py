@@ -77,12 +77,17 @@ class WeightSpaceModel(nn.Module):
             with poutine.scale(scale=self.kl_weight):
                 phi = pyro.sample("phi", prior)  # [..., T, 1, D]
             w = phi.squeeze(TASK_DIM)  # ..., T, D
-            if self.score == "support+query":
-                # one network pass over support and query together
+            if self.score == "support+query" and getattr(self.net, "batch_norm", "none") == "none":
+                # one network pass over support and query together (only without batch statistics,
+                # which must come from each set on its own)
                 s = batch.num_support
                 f = self.net(w, torch.cat([batch.x_support, batch.x_query], dim=1))  # ..., T, S+Q, O
                 observe("y_support", self.likelihood, f[..., :s, :], batch.y_support, self.mean_over_points)
                 f_query = f[..., s:, :]
+            elif self.score == "support+query":
+                f_support = self.net(w, batch.x_support)  # ..., T, S, O
+                observe("y_support", self.likelihood, f_support, batch.y_support, self.mean_over_points)
+                f_query = self.net(w, batch.x_query)
             else:
                 f_query = self.net(w, batch.x_query)
             observe("y_query", self.likelihood, f_query, batch.y_query, self.mean_over_points)

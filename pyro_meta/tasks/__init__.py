@@ -1,11 +1,26 @@
 """Where tasks come from: TaskBatch, task families and the benchmark registry."""
 
 from .batch import TaskBatch, TaskBatchError
-from .registry import BENCHMARKS, Benchmark, TaskStream, get_benchmark
+from .episodes import EpisodeSampler, fixed_episodes
+from .omniglot import (
+    ClassPool,
+    DataError,
+    OmniglotData,
+    class_pool,
+    default_cache_dir,
+    download_omniglot,
+    find_omniglot,
+    lake_split,
+    load_omniglot,
+    omniglot_characters,
+    vinyals_split,
+)
+from .registry import BENCHMARKS, CLASSIFICATION_BENCHMARKS, Benchmark, TaskStream, get_benchmark
 from .regression import ProtocolError, RegressionFamily, Sinusoid, SinusoidLine
 
 __all__ = [
     "BENCHMARKS",
+    "CLASSIFICATION_BENCHMARKS",
     "Benchmark",
     "ProtocolError",
     "RegressionFamily",
@@ -15,4 +30,17 @@ __all__ = [
     "TaskBatchError",
     "TaskStream",
     "get_benchmark",
+    "ClassPool",
+    "DataError",
+    "EpisodeSampler",
+    "OmniglotData",
+    "class_pool",
+    "default_cache_dir",
+    "download_omniglot",
+    "find_omniglot",
+    "fixed_episodes",
+    "lake_split",
+    "load_omniglot",
+    "omniglot_characters",
+    "vinyals_split",
 ]

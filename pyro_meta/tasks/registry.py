@@ -45,11 +45,15 @@ class Benchmark:
     """What a benchmark provides: a training stream and fixed, seeded validation and test tasks."""
 
     name: str
-    train: TaskStream
+    train: Any  # an endless iterator of TaskBatch with state_dict/load_state_dict (TaskStream, EpisodeSampler)
     val: TaskBatch
     test: TaskBatch
-    family: RegressionFamily
+    family: RegressionFamily | None  # regression benchmarks: the task family (for plots of the true function)
     protocol: dict[str, Any]
+
+    @property
+    def is_classification(self) -> bool:
+        return self.name in CLASSIFICATION_BENCHMARKS
 
 
 # Seeds of the fixed evaluation sets: part of the benchmark's definition, not of a run.
@@ -60,7 +64,11 @@ _FAMILIES = {"sinusoid": Sinusoid, "sinusoid_line": SinusoidLine}
 BENCHMARKS = {
     "sinusoid": "MAML's sinusoid regression: A~U[0.1,5], phase~U[0,pi], x~U[-5,5], noiseless",
     "sinusoid_line": "PLATIPUS's ambiguous tasks: sinusoid or line, noise std 0.3",
+    "omniglot": "N-way K-shot Omniglot, 28x28, rotations as classes; Vinyals split (or Lake's)",
 }
+CLASSIFICATION_BENCHMARKS = ("omniglot",)
+# which classes each part of an Omniglot split uses: train, validation, test
+_OMNIGLOT_PARTS = {"vinyals": ("train", "val", "test"), "lake": ("background", "evaluation", "evaluation")}
 
 
 def get_benchmark(
@@ -72,16 +80,27 @@ def get_benchmark(
     num_val_tasks: int = 100,
     num_test_tasks: int = 600,
     seed: int = 0,
+    ways: int | None = None,
+    data_root: str | None = None,
+    split: str | None = None,
 ) -> Benchmark:
     """Build a benchmark.
 
     :param name: one of :data:`BENCHMARKS`.
-    :param shots: support points per task (train and evaluation).
-    :param queries: query points per training task; default ``shots`` (MAML draws 2K points and
-        splits them K/K).
-    :param eval_queries: query points per evaluation task.
+    :param shots: support points per task (per class for classification), train and evaluation.
+    :param queries: query points per training task (per class); default ``shots`` (MAML draws 2K points
+        and splits them K/K).
+    :param eval_queries: query points per evaluation task (per class).
     :param seed: seed of the training stream; the evaluation sets have fixed seeds of their own.
+    :param ways: classes per task (classification).
+    :param data_root: where the Omniglot files are (see :func:`pyro_meta.tasks.omniglot.find_omniglot`).
+    :param split: ``"vinyals"`` (train / val / test classes, the few-shot standard) or ``"lake"``
+        (background for training, evaluation alphabets for validation and test; their val and test
+        episodes differ only by seed).
     """
+    if name in CLASSIFICATION_BENCHMARKS:
+        return _omniglot(shots, queries, meta_batch, eval_queries, num_val_tasks, num_test_tasks, seed,
+                         ways or 5, data_root, split or "vinyals")
     if name not in _FAMILIES:
         raise ProtocolError(f"unknown benchmark {name!r}; known: {', '.join(sorted(_FAMILIES))}")
     family = _FAMILIES[name]()
@@ -102,3 +121,29 @@ def get_benchmark(
         "test_seed": TEST_SEED,
     }
     return Benchmark(name, train, val, test, family, protocol)
+
+
+def _omniglot(shots: int, queries: int | None, meta_batch: int, eval_queries: int, num_val_tasks: int,
+              num_test_tasks: int, seed: int, ways: int, data_root: str | None, split: str) -> Benchmark:
+    from .episodes import EpisodeSampler, fixed_episodes
+    from .omniglot import class_pool, load_omniglot
+
+    if split not in _OMNIGLOT_PARTS:
+        raise ProtocolError(f"unknown Omniglot split {split!r}; known: {', '.join(_OMNIGLOT_PARTS)}")
+    queries = shots if queries is None else queries
+    data = load_omniglot(data_root)
+    train_part, val_part, test_part = _OMNIGLOT_PARTS[split]
+    pools = {part: class_pool(data, split=split, part=part) for part in {train_part, val_part, test_part}}
+    train = EpisodeSampler(pools[train_part], ways, shots, queries, meta_batch, seed)
+    val = fixed_episodes(pools[val_part], num_val_tasks, ways, shots, eval_queries, VAL_SEED)
+    test = fixed_episodes(pools[test_part], num_test_tasks, ways, shots, eval_queries, TEST_SEED)
+    protocol = {
+        "benchmark": "omniglot", "split": split, "ways": ways, "shots": shots,
+        "queries_per_class": queries, "meta_batch": meta_batch, "eval_queries_per_class": eval_queries,
+        "num_val_tasks": num_val_tasks, "num_test_tasks": num_test_tasks, "val_seed": VAL_SEED,
+        "test_seed": TEST_SEED, "image_size": 28, "rotations_as_classes": [0, 90, 180, 270],
+        "classes": {part: pool.num_classes for part, pool in pools.items()},
+        "parts": {"train": train_part, "val": val_part, "test": test_part},
+        "preprocessing": "inverted (ink = 1), resized 105 -> 28 with antialiasing, scaled to [0, 1]",
+    }
+    return Benchmark("omniglot", train, val, test, None, protocol)

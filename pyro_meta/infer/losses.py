@@ -1,0 +1,98 @@
+"""Objectives that are not a plain ELBO, with Pyro's ``differentiable_loss(model, guide, *args)``
+interface so :class:`~pyro_meta.learner.MetaLearner` and the trainer use them like ``Trace_ELBO``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from torch import Tensor
+
+QUERY_SITE = "y_query"
+PARTICLES_DIM = -3  # left of the tasks (-2) and points / classes (-1) plates
+
+
+def log_mean_exp(log_p: Tensor, dim: int = 0) -> Tensor:
+    """``log( (1/L) sum_l exp(log_p_l) )`` along ``dim``, stably."""
+    return torch.logsumexp(log_p, dim=dim) - math.log(log_p.shape[dim])
+
+
+def _per_task_mean(lme: Tensor) -> Tensor:
+    """``[..., T, Q]`` -> mean over query points, ``[..., T]``."""
+    return lme.mean(-1)
+
+
+class MLPIP:
+    """VERSA's ML-PIP objective (Gordon et al., ICLR 2019, eq. 4): for each task, the average over its
+    query points of the log of the Monte Carlo predictive,
+
+        L_t = (1/Q) sum_q log( (1/L) sum_l p(y_tq | x_tq, psi_l) ),   psi_l ~ q(psi | support_t),
+
+    averaged over tasks; the loss is ``-L``. There is no KL term and no prior.
+
+    :param num_samples: ``L`` (the paper: 10).
+    :param local_reparam: sample the logits instead of the weights (the paper's estimator): each query
+        point gets its own draws of ``a = h . w + b`` from the Gaussian that ``q(psi)`` induces, via the
+        model's ``logit_moments(batch, loc, scale)`` and the guide's Normal site ``psi``. ``False``, or a
+        model without ``logit_moments``, draws ``L`` weight samples for the whole task instead (one
+        vectorized ``plate("particles", L)`` around guide and model), which works for any model whose
+        query site is ``"y_query"``.
+
+    The task weighting follows the trainer's ``poutine.scale(1/T)``: the loss of a meta-batch is the
+    mean of ``-L_t`` over its tasks.
+    """
+
+    def __init__(self, num_samples: int = 10, local_reparam: bool = True, site: str = "psi"):
+        if not (isinstance(num_samples, int) and num_samples >= 1):
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        self.num_samples, self.local_reparam, self.site = num_samples, local_reparam, site
+
+    # -------------------------------------------------------------- estimators
+    def _local_reparam(self, model: Any, guide: Any, batch: Any) -> Tensor:
+        guide_tr = poutine.trace(guide).get_trace(batch)
+        node = guide_tr.nodes.get(self.site)
+        if node is None:
+            raise ValueError(f"local reparameterization needs a guide site named {self.site!r}")
+        base = node["fn"]
+        while isinstance(base, torch.distributions.Independent):
+            base = base.base_dist
+        if not isinstance(base, torch.distributions.Normal):
+            raise ValueError(f"local reparameterization needs a Normal guide at {self.site!r}, got "
+                             f"{type(base).__name__}")
+        mean, var = model.logit_moments(batch, base.loc, base.scale)  # T Q C
+        eps = torch.randn((self.num_samples,) + mean.shape, dtype=mean.dtype, device=mean.device)  # L T Q C
+        logits = mean + var.sqrt() * eps  # L T Q C
+        logp = torch.log_softmax(logits, -1)
+        y = batch.y_query.expand(logits.shape[:-1]).unsqueeze(-1)  # L T Q 1
+        log_lik = logp.gather(-1, y).squeeze(-1)  # L T Q
+        per_task = _per_task_mean(log_mean_exp(log_lik, 0))  # T
+        return -(node["scale"] * per_task).sum()
+
+    def _weight_samples(self, model: Any, guide: Any, batch: Any) -> Tensor:
+        with pyro.plate("particles", self.num_samples, dim=PARTICLES_DIM):
+            guide_tr = poutine.trace(guide).get_trace(batch)
+            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(batch)
+        if QUERY_SITE not in model_tr.nodes:
+            raise ValueError(f"ML-PIP scores the model's {QUERY_SITE!r} site; the model has none")
+        site = model_tr.nodes[QUERY_SITE]
+        log_lik = site["fn"].log_prob(site["value"])  # L T Q (or 1 T Q when no latent depends on L)
+        log_lik = log_lik.expand((self.num_samples,) + log_lik.shape[1:])
+        per_task = _per_task_mean(log_mean_exp(log_lik, 0))  # T
+        return -(site["scale"] * per_task).sum()
+
+    def differentiable_loss(self, model: Any, guide: Any, batch: Any) -> Tensor:
+        if batch.y_query is None:
+            raise ValueError("ML-PIP needs query labels; this TaskBatch has y_query=None")
+        if self.local_reparam and hasattr(model, "logit_moments"):
+            return self._local_reparam(model, guide, batch)
+        return self._weight_samples(model, guide, batch)
+
+    def loss(self, model: Any, guide: Any, batch: Any) -> float:
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, batch))
+
+    def __repr__(self) -> str:
+        return f"MLPIP(num_samples={self.num_samples}, local_reparam={self.local_reparam})"

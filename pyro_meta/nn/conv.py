@@ -1,0 +1,244 @@
+"""Conv4: the 4-block convolutional few-shot network as a functional net batched over tasks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .mlp import FunctionalNet
+from .spec import ParamSpec
+
+DOWNSAMPLE_MODES: tuple[str, ...] = ("maxpool", "stride")
+"""``"maxpool"``: 2x2 max-pool after each block; ``"stride"``: stride-2 convs + final spatial mean."""
+
+BATCH_NORM_MODES: tuple[str, ...] = ("task", "none")
+"""``"task"``: per-task batch statistics (MAML's protocol); ``"none"``: no normalization."""
+
+KERNEL = 3
+
+
+class Conv4(FunctionalNet):
+    """``blocks`` x [3x3 conv -> batch norm -> ReLU -> downsample], then an optional linear head.
+
+    The conv4 of Vinyals et al. / ProtoNets / VERSA (``downsample="maxpool"``) and of MAML's
+    Omniglot net (``downsample="stride"``), with every weight taken from a flat ``params [*B, D]``
+    laid out by :attr:`spec` (the net owns no parameters).
+
+    **Blocks.** Each conv is 3x3 with padding 1. ``"maxpool"``: stride-1 conv, then a 2x2
+    max-pool with stride 2 (floor), so 28 -> 14 -> 7 -> 3 -> 1; a final map larger than 1x1
+    (other image sizes) is flattened channel-major, ``feature_dim = filters * h * w``.
+    ``"stride"``: the conv itself has stride 2 (28 -> 14 -> 7 -> 4 -> 2) and the final map is
+    averaged over its ``h x w`` positions (as MAML's code does), ``feature_dim = filters``.
+
+    **Batch norm** (a protocol choice; runs should state it):
+
+    - ``"task"``: every block normalizes with the batch statistics of the ``N`` points passed
+      together for ONE batch element (one task / one sample / one particle): per channel, the
+      mean and the biased variance over ``(N, H, W)``, ``y = gamma * (h - mean) / sqrt(var + eps)
+      + beta``. There are no running averages: the same rule is used in meta-training and at
+      test time (MAML's mode), so at test time predictions are transductive over the points
+      passed in one call (e.g. a task's whole query set). Outputs of one batch element never
+      depend on another element's inputs. With this mode the conv biases cancel in the mean
+      subtraction (their gradient is exactly 0); they are kept for parity with MAML's layout.
+    - ``"none"``: no normalization and no ``bn*`` parameters.
+
+    ``gamma`` / ``beta`` (``bnK.g`` / ``bnK.b``) are part of the flat params, so an inner loop
+    adapts them like every other weight.
+
+    **Parameters**, in order: ``conv{k}.w [F, Cin_k, 3, 3]``, ``conv{k}.b [F]``,
+    ``bn{k}.g [F]``, ``bn{k}.b [F]`` (``batch_norm="task"`` only) for ``k < blocks``, then
+    ``head.w [out_dim, feature_dim]``, ``head.b [out_dim]`` when ``out_dim`` is not None.
+
+    :param out_dim: width of the linear head (MAML's classifier, ``n_way``); None returns the
+        ``feature_dim`` features (VERSA's shared feature extractor).
+    :param in_channels: ``Cin`` of the images (1 for Omniglot, 3 for miniImageNet).
+    :param image_size: ``H = W`` of the (square) images.
+    :param filters: channels ``F`` of every conv.
+    :param blocks: number of conv blocks.
+    :param downsample: one of :data:`DOWNSAMPLE_MODES`.
+    :param batch_norm: one of :data:`BATCH_NORM_MODES`.
+    :param bn_eps: the ``eps`` added to the variance.
+
+    ``__call__(params, x)``: ``params [*B, D]``, ``x [*C, N, Cin, H, W]`` with ``*B`` and ``*C``
+    broadcastable -> ``[*broadcast(B, C), N, output_dim]``. ``params [D]`` (one shared net, e.g.
+    VERSA) runs each layer as one ``conv2d`` over all images; batched params (e.g. MAML's adapted
+    ``[T, D]``, or ``[S, T, D]``) run each layer as one grouped ``conv2d`` with a group per batch
+    element. Both paths are twice differentiable (MAML's second-order meta-gradient).
+    """
+
+    def __init__(self, out_dim: int | None, in_channels: int = 1, image_size: int = 28,
+                 filters: int = 64, blocks: int = 4, downsample: str = "maxpool",
+                 batch_norm: str = "task", bn_eps: float = 1e-5):
+        if out_dim is not None and int(out_dim) < 1:
+            raise ValueError(f"out_dim must be a positive int or None, got {out_dim}")
+        for label, v in (("in_channels", in_channels), ("image_size", image_size),
+                         ("filters", filters), ("blocks", blocks)):
+            if int(v) < 1:
+                raise ValueError(f"{label} must be >= 1, got {v}")
+        if downsample not in DOWNSAMPLE_MODES:
+            raise ValueError(f"unknown downsample {downsample!r}; known: {list(DOWNSAMPLE_MODES)}")
+        if batch_norm not in BATCH_NORM_MODES:
+            raise ValueError(f"unknown batch_norm {batch_norm!r}; known: {list(BATCH_NORM_MODES)}")
+        if not bn_eps > 0:
+            raise ValueError(f"bn_eps must be > 0, got {bn_eps}")
+        self.out_dim = None if out_dim is None else int(out_dim)
+        self.in_channels, self.image_size = int(in_channels), int(image_size)
+        self.filters, self.blocks = int(filters), int(blocks)
+        self.downsample, self.batch_norm, self.bn_eps = downsample, batch_norm, float(bn_eps)
+
+        # spatial size after each block
+        sizes = [self.image_size]
+        for _ in range(self.blocks):
+            s = sizes[-1]
+            s = s // 2 if downsample == "maxpool" else (s - 1) // 2 + 1  # pool floor / conv ceil
+            if s < 1:
+                raise ValueError(
+                    f"image_size {image_size} is too small for {blocks} maxpool blocks "
+                    f"(sizes {sizes + [s]})")
+            sizes.append(s)
+        self.spatial_sizes: tuple[int, ...] = tuple(sizes)
+        """``H = W`` of the input and after each block."""
+        final = sizes[-1]
+        self.feature_dim = self.filters * (final * final if downsample == "maxpool" else 1)
+
+        shapes: list[tuple[str, tuple[int, ...]]] = []
+        cin = self.in_channels
+        for k in range(self.blocks):
+            shapes += [(f"conv{k}.w", (self.filters, cin, KERNEL, KERNEL)), (f"conv{k}.b", (self.filters,))]
+            if batch_norm == "task":
+                shapes += [(f"bn{k}.g", (self.filters,)), (f"bn{k}.b", (self.filters,))]
+            cin = self.filters
+        if self.out_dim is not None:
+            shapes += [("head.w", (self.out_dim, self.feature_dim)), ("head.b", (self.out_dim,))]
+        self.spec = ParamSpec(shapes)
+        self.input_shape = (self.in_channels, self.image_size, self.image_size)
+        self.output_dim = self.feature_dim if self.out_dim is None else self.out_dim
+        self._stride = 2 if downsample == "stride" else 1
+
+    # ------------------------------------------------------------------ init / describe
+
+    def init(self, generator: torch.Generator | None = None) -> Tensor:
+        """Flat initial parameters ``[D]``, deterministic given ``generator``.
+
+        torch.nn.Conv2d's / nn.Linear's defaults (``kaiming_uniform_(a=sqrt(5))``, which is
+        ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``) for conv weights (``fan_in = Cin * 9``), conv
+        biases, head weights and head bias (``fan_in = feature_dim``); batch-norm ``gamma = 1``,
+        ``beta = 0``. Draws are taken in :attr:`spec` order.
+        """
+        named = {}
+        for name, shape in self.spec.shapes.items():
+            layer, kind = name.split(".")
+            if layer.startswith("bn"):
+                named[name] = torch.ones(shape) if kind == "g" else torch.zeros(shape)
+                continue
+            w_shape = self.spec.shapes[f"{layer}.w"]
+            fan_in = math.prod(w_shape[1:])
+            bound = 1.0 / math.sqrt(fan_in)
+            named[name] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+        return self.spec.flatten(named)
+
+    def describe(self) -> dict:
+        return {"type": "conv4", "filters": self.filters, "blocks": self.blocks,
+                "downsample": self.downsample, "batch_norm": self.batch_norm,
+                "bn_eps": self.bn_eps, "out_dim": self.out_dim, "feature_dim": self.feature_dim,
+                "in_channels": self.in_channels, "image_size": self.image_size,
+                "num_params": self.num_params}
+
+    def __repr__(self) -> str:
+        return (f"Conv4(out_dim={self.out_dim}, in_channels={self.in_channels}, "
+                f"image_size={self.image_size}, filters={self.filters}, blocks={self.blocks}, "
+                f"downsample={self.downsample!r}, batch_norm={self.batch_norm!r}; "
+                f"D={self.num_params})")
+
+    # ------------------------------------------------------------------ forward
+
+    def _check(self, params: Tensor, x: Tensor) -> None:
+        if params.dim() < 1 or params.shape[-1] != self.num_params:
+            raise ValueError(f"{self!r} expects params [..., {self.num_params}], "
+                             f"got {tuple(params.shape)}")
+        if x.dim() < 4:
+            raise ValueError(f"Conv4 expects images x [..., N, {self.in_channels}, "
+                             f"{self.image_size}, {self.image_size}], got {tuple(x.shape)}")
+        if tuple(x.shape[-3:]) != self.input_shape:
+            raise ValueError(f"Conv4 expects images [..., N, Cin={self.in_channels}, "
+                             f"H={self.image_size}, W={self.image_size}], got {tuple(x.shape)}")
+        if x.shape[-4] < 1:
+            raise ValueError(f"Conv4 needs at least one image per batch element, got {tuple(x.shape)}")
+
+    def __call__(self, params: Tensor, x: Tensor) -> Tensor:
+        """``params [*B, D]``, ``x [*C, N, Cin, H, W]`` -> ``[*broadcast(B, C), N, output_dim]``.
+
+        Every activation is laid out ``[N, nb*F, H, W]`` (``nb = prod(broadcast(B, C))``; the
+        channel index is ``element * F + filter``), so the per-element batch norm is ONE
+        training-mode ``batch_norm`` over ``nb*F`` channels (stats over ``(N, H, W)``), with no
+        copies. Convs: shared params (``prod(B) == 1``) view the activations as
+        ``[N*nb, F, H, W]`` (the same memory) for one plain ``conv2d``; batched params run one
+        ``conv2d(groups=nb)`` with the nets' filters stacked ``[nb*F, Cin, 3, 3]``.
+        """
+        self._check(params, x)
+        b_shape, c_shape = params.shape[:-1], x.shape[:-4]
+        try:
+            batch = torch.broadcast_shapes(b_shape, c_shape)
+        except RuntimeError as e:
+            raise ValueError(f"params batch dims {tuple(b_shape)} and image batch dims "
+                             f"{tuple(c_shape)} do not broadcast") from e
+        nb, n, f = math.prod(batch), x.shape[-4], self.filters
+        shared = math.prod(b_shape) == 1  # one net for every batch element (e.g. VERSA)
+        if shared:
+            p = self.spec.unflatten(params.reshape(self.num_params))  # name: *shape
+        else:
+            p = self.spec.unflatten(params.expand(*batch, self.num_params).reshape(nb, self.num_params))  # name: nb *shape
+        x_shared = math.prod(c_shape) == 1  # the same images for every batch element
+        if x_shared:
+            h = x.reshape(n, *self.input_shape)  # N Cin H W
+        else:
+            h = x.expand(*batch, *x.shape[-4:]).reshape(nb, n, *self.input_shape)  # nb N Cin H W
+            h = h.transpose(0, 1).reshape(n, nb * self.in_channels, *self.input_shape[1:])  # N nb*Cin H W
+        for k in range(self.blocks):
+            w, b = p[f"conv{k}.w"], p[f"conv{k}.b"]
+            if shared:
+                h = h.reshape(n * nb, w.shape[1], *h.shape[-2:])  # N*nb Cin H W
+                h = F.conv2d(h, w, b, stride=self._stride, padding=1)  # N*nb F H' W'
+                h = h.reshape(n, nb * f, *h.shape[-2:])  # N nb*F H' W'
+            else:
+                w = w.reshape(nb * f, *w.shape[2:])  # nb*F Cin 3 3
+                # identical images for all elements: the first conv is one dense conv with the
+                # nb nets' filters stacked (no per-element copy of x)
+                groups = 1 if (k == 0 and x_shared) else nb
+                h = F.conv2d(h, w, b.reshape(nb * f), stride=self._stride, padding=1,
+                             groups=groups)  # N nb*F H' W'
+            if self.batch_norm == "task":
+                g, beta = p[f"bn{k}.g"], p[f"bn{k}.b"]
+                if shared:
+                    g, beta = g.repeat(nb), beta.repeat(nb)  # nb*F
+                h = self._bn(h, g.reshape(nb * f), beta.reshape(nb * f))  # N nb*F H' W'
+            if self.downsample == "maxpool":
+                # relu is monotone, so relu(maxpool(h)) == maxpool(relu(h)) (values and
+                # gradients) and the relu runs on a quarter of the elements
+                h = F.relu(F.max_pool2d(h, 2, 2))  # N nb*F H'/2 W'/2
+            else:
+                h = F.relu(h)  # N nb*F H' W'
+        if self.downsample == "stride":
+            feats = h.mean(dim=(-2, -1)).view(n, nb, f)  # N nb F
+        else:
+            feats = h.reshape(n, nb, self.feature_dim)  # N nb F*h*w
+        feats = feats.transpose(0, 1)  # nb N feat
+        if self.out_dim is not None:
+            if shared:
+                feats = F.linear(feats, p["head.w"], p["head.b"])  # nb N out
+            else:
+                feats = torch.baddbmm(p["head.b"].unsqueeze(1), feats,
+                                      p["head.w"].transpose(1, 2))  # nb N out
+        return feats.reshape(*batch, n, self.output_dim)  # *batch N out
+
+    def _bn(self, h: Tensor, g: Tensor, b: Tensor) -> Tensor:
+        """Training-mode batch norm of ``h [N, C, H, W]`` per channel over ``(N, H, W)``."""
+        if h.shape[0] * h.shape[2] * h.shape[3] > 1:
+            return F.batch_norm(h, None, None, g, b, training=True, eps=self.bn_eps)
+        # one value per channel (F.batch_norm refuses it): h - mean = 0, so the output is beta
+        var, mean = torch.var_mean(h, dim=(0, 2, 3), correction=0, keepdim=True)  # 1 C 1 1
+        scale = g.view(1, -1, 1, 1) * torch.rsqrt(var + self.bn_eps)  # 1 C 1 1
+        return torch.addcmul(b.view(1, -1, 1, 1) - mean * scale, h, scale)  # N C H W

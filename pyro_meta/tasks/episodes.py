@@ -1,0 +1,141 @@
+"""N-way K-shot classification episodes drawn from a :class:`~pyro_meta.tasks.omniglot.ClassPool`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .batch import TaskBatch
+from .omniglot import ClassPool
+from .regression import ProtocolError
+
+
+def _check(pool: ClassPool, ways: int, shots: int, queries: int, **counts: int) -> None:
+    if not isinstance(pool, ClassPool):
+        raise ProtocolError(f"expected a ClassPool (see class_pool()), got {type(pool).__name__}")
+    for what, v in {"ways": ways, "shots": shots, "queries": queries, **counts}.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ProtocolError(f"{what} must be a positive integer, got {v!r}")
+    if ways > pool.num_classes:
+        raise ProtocolError(
+            f"asked for {ways}-way tasks but the pool has {pool.num_classes} classes"
+        )
+    if shots + queries > pool.drawings:
+        raise ProtocolError(
+            f"asked for {shots} shots + {queries} queries = {shots + queries} distinct drawings "
+            f"per class, but each class has {pool.drawings} drawings"
+        )
+
+
+def _sample(
+    images: Tensor, num_tasks: int, ways: int, shots: int, queries: int, g: torch.Generator
+) -> TaskBatch:
+    """``num_tasks`` episodes, vectorized over tasks.
+
+    The ``ways`` largest of ``C`` iid uniform keys are a uniformly random set of distinct classes
+    in a uniformly random order (that order assigns the labels); the same trick picks
+    ``shots + queries`` distinct drawings per class. float64 keys make ties (which would make
+    the choice depend on the sort implementation) practically impossible. The batch is on the
+    pool's device.
+    """
+    T, (C, D, S, _) = num_tasks, images.shape
+    n = shots + queries
+    classes = torch.rand(T, C, generator=g, dtype=torch.float64).topk(ways, dim=-1).indices
+    drawings = torch.rand(T, ways, D, generator=g, dtype=torch.float64).topk(n, dim=-1).indices
+    # One index_select per set on the flattened [C*D, S, S] pool: contiguous, class-major output
+    # without the copies that advanced indexing plus slicing would make.
+    # The generator is CPU (reproducible everywhere); the pool may live on another device.
+    classes = classes.to(images.device)
+    flat_index = classes[:, :, None] * D + drawings.to(images.device)  # T ways n
+    flat_pool = images.reshape(C * D, S, S)
+
+    def take(idx: Tensor) -> Tensor:
+        x = flat_pool.index_select(0, idx.reshape(-1)).view(T, -1, 1, S, S)
+        return x.to(torch.float32).div_(255.0)
+
+    labels = torch.arange(ways, device=images.device)
+    return TaskBatch(
+        take(flat_index[:, :, :shots]),
+        labels.repeat_interleave(shots).repeat(T, 1),
+        take(flat_index[:, :, shots:]),
+        labels.repeat_interleave(queries).repeat(T, 1),
+        {"classes": classes},
+    )
+
+
+class EpisodeSampler:
+    """An endless, seeded stream of N-way K-shot meta-batches; the interface of
+    :class:`~pyro_meta.tasks.registry.TaskStream`.
+
+    Each task draws ``ways`` distinct classes of ``pool`` uniformly at random, labelled
+    ``0..ways-1`` in the order drawn, and per class ``shots + queries`` distinct drawings
+    (the first ``shots`` are support, the rest query). Each ``next()`` is a :class:`TaskBatch`:
+
+    - ``x_support``: float32 ``[T, ways*shots, 1, S, S]`` in [0, 1] (ink = 1);
+      ``y_support``: int64 ``[T, ways*shots]``, class-major (class 0's shots first)
+    - ``x_query``: ``[T, ways*queries, 1, S, S]``; ``y_query``: ``[T, ways*queries]``
+    - ``info["classes"]``: int64 ``[T, ways]``, the pool index of each label
+
+    Sampling is vectorized over tasks. Measured for a 32-task 20-way 1-shot 15-query meta-batch
+    from the 4,112-class Vinyals train pool, one thread on a busy 2-core CPU: the sampling itself
+    about 5 ms (median); :class:`TaskBatch`'s finiteness check over the 7.5 M query pixels adds
+    20-100 ms on that machine (a 5-way 1-shot 15-query batch: about 6 ms in all).
+
+    :param seed: seed of the sampler's own generator (independent of the global torch RNG).
+    :raises ProtocolError: ``ways`` above the pool's classes, ``shots + queries`` above the
+        drawings per class, or a count below 1.
+    """
+
+    def __init__(
+        self, pool: ClassPool, ways: int, shots: int, queries: int, meta_batch: int, seed: int
+    ):
+        _check(pool, ways, shots, queries, meta_batch=meta_batch)
+        self.pool, self.ways, self.shots, self.queries = pool, ways, shots, queries
+        self.meta_batch = meta_batch
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> EpisodeSampler:
+        return self
+
+    def __next__(self) -> TaskBatch:
+        return _sample(
+            self.pool.images, self.meta_batch, self.ways, self.shots, self.queries, self.generator
+        )
+
+    def _protocol(self) -> dict[str, int]:
+        return {
+            "ways": self.ways,
+            "shots": self.shots,
+            "queries": self.queries,
+            "meta_batch": self.meta_batch,
+            "num_classes": self.pool.num_classes,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), **self._protocol()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the stream saved by :meth:`state_dict`; the protocol must be the same."""
+        differ = {
+            k: (state[k], v) for k, v in self._protocol().items() if k in state and state[k] != v
+        }
+        if differ:
+            what = ", ".join(
+                f"{k} saved {a} but this sampler has {b}" for k, (a, b) in differ.items()
+            )
+            raise ProtocolError(f"cannot continue a different episode stream: {what}")
+        self.generator.set_state(state["generator"])
+
+
+def fixed_episodes(
+    pool: ClassPool, num_tasks: int, ways: int, shots: int, queries: int, seed: int
+) -> TaskBatch:
+    """A fixed evaluation set (e.g. 600 test episodes): the same tasks on every call and machine
+    (its own CPU generator seeded with ``seed``). Shapes as :class:`EpisodeSampler` with
+    ``T = num_tasks``."""
+    _check(pool, ways, shots, queries, num_tasks=num_tasks)
+    return _sample(
+        pool.images, num_tasks, ways, shots, queries, torch.Generator().manual_seed(seed)
+    )
