@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import re
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -288,7 +289,9 @@ def _decode_sources(listings: list[_Listing], image_size: int, progress: bool) -
     """Decode every drawing: uint8 ``[num_chars, 20, S, S]`` in :func:`_names` order."""
     total = sum(len(lst.chars) for lst in listings) * DRAWINGS
     out = bytearray()
-    with tqdm(total=total, desc="decoding Omniglot", unit="img", disable=not progress) as bar:
+    # a log file (no terminal) gets a line every 30 s, not one per refresh
+    with tqdm(total=total, desc="decoding Omniglot", unit="img", disable=not progress,
+              mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
         for lst in listings:
             z = _open_zip(lst.source) if lst.source.suffix == ".zip" else None
             try:
