@@ -38,10 +38,10 @@ class ParamSpec:
                 f"expected a flat parameter tensor [..., {self.num_params}], got {tuple(flat.shape)}"
             )
         batch = flat.shape[:-1]
-        return {
-            name: flat[..., a:b].reshape(*batch, *self.shapes[name])
-            for name, (a, b) in self.offsets.items()
-        }
+        # one split, not a slice per tensor: a slice's backward fills a zero [*B, D] gradient each, a
+        # split's backward is one concatenation (measured ~20% of a MAML conv4 step at T=32)
+        parts = flat.split([b - a for a, b in self.offsets.values()], dim=-1)
+        return {name: part.reshape(*batch, *self.shapes[name]) for name, part in zip(self.shapes, parts)}
 
     def flatten(self, named: dict[str, Tensor]) -> Tensor:
         """``{name: [*B, *shape]}`` -> ``[*B, D]``."""
