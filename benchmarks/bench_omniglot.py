@@ -40,7 +40,7 @@ from pathlib import Path
 import bench_sinusoid  # the sinusoid benchmark's protocol: timing, peak memory, machine info
 import pyro
 import torch
-from bench_sinusoid import machine_info, make_step, peak_memory, rss_peak_works
+from bench_sinusoid import _loadavg, machine_info, make_step, peak_memory, rss_peak_works
 from reference_conv import CeilingConv4, ceiling_inputs, reference_for
 
 from pyro_meta.config import RunConfig
@@ -473,15 +473,6 @@ def render(args, argv: Sequence[str], info: dict[str, str], checks: list[Check],
         "",
     ]
     return "\n".join(lines)
-
-
-def _loadavg() -> str:
-    import os
-
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "n/a"
 
 
 def main(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
