@@ -50,3 +50,25 @@ def test_sweep_tiny(tmp_path):
           "--workers", "2", "--out", out], tmp_path)
     text = (out / "sweep.md").read_text()
     assert "| inner_lr=0.01 |" in text and "| inner_lr=0.02 |" in text
+
+
+def test_omniglot_experiment_tiny(tmp_path, monkeypatch):
+    import pytest
+    from conftest import SHARED
+
+    data = SHARED / "data" / "omniglot"
+    if not (data / "images_background.zip").is_file():
+        pytest.skip(f"Omniglot is not at {data}")
+    out = tmp_path / "ox"
+    tiny = json.dumps({"num_test_tasks": 5, "num_val_tasks": 2, "meta_batch": 2, "eval_samples": 3})
+    monkeypatch.setenv("PYRO_META_CACHE", str(tmp_path / "cache"))
+    r = _run([REPO / "experiments/omniglot.py", "--budget", "0.00004", "--settings", "5w1s", "--methods", "maml",
+              "versa", "--data-root", data, "--set", tiny, "--versa", '{"queries": 2}', "--out", out], tmp_path)
+    text = (out / "results.md").read_text()
+    assert text.strip() == r.stdout.strip()
+    for name, steps, paper in (("maml-5w1s", 2, "98.7 ± 0.4"), ("versa-5w1s", 3, "99.70 ± 0.20 [R]")):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        assert f"| {steps} (" in row and paper in row
+        rep = json.loads((out / name / "eval.json").read_text())
+        assert rep["num_test_tasks"] == 5 and 0 <= rep["metrics"]["accuracy"]["mean"] <= 1
+        assert (out / name / "plots" / "reliability.png").is_file()
