@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import metrics as M
 from .learner import MetaLearner
+from .models.base import WeightSpaceModel
 from .tasks import TaskBatch
 
 QUERY_SITE = "y_query"
@@ -124,10 +125,16 @@ def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int, kee
 CHUNK_VALUES = 50_000_000
 
 
+def per_task_weights(learner: MetaLearner) -> int:
+    """How many network weights each task draws: ``D`` for a weight-space model (MAML, ABML: a copy
+    of the task network per task and draw), 0 otherwise (e.g. VERSA's shared feature extractor)."""
+    model = getattr(learner, "model", None)
+    return model.net.num_params if isinstance(model, WeightSpaceModel) else 0
+
+
 def default_task_chunk(learner: MetaLearner, num_samples: int, cap: int = 100) -> int:
     """Tasks per chunk so that ``num_samples * tasks * weights`` stays under :data:`CHUNK_VALUES`."""
-    net = getattr(getattr(learner, "model", None), "net", None)
-    d = getattr(net, "num_params", 0) if not hasattr(learner.model, "theta") else 0  # shared nets: no per-task copy
+    d = per_task_weights(learner)
     if not d:
         return cap
     return max(1, min(cap, CHUNK_VALUES // (num_samples * d)))

@@ -23,8 +23,6 @@ from .tasks import BENCHMARKS, CLASSIFICATION_BENCHMARKS
 METHOD_FIELDS = ("inner_steps", "inner_steps_eval", "inner_lr", "noise_std", "learn_noise",
                  "prior_init_std", "inner_samples", "kl_weight_inner", "kl_weight_outer", "noise_scaled_lr",
                  "objective", "train_samples", "local_reparam", "eval_samples")
-# Settings of the Gaussian likelihood: meaningless for classification.
-GAUSSIAN_FIELDS = ("noise_std", "learn_noise", "noise_scaled_lr")
 # Settings that only classification benchmarks (images) have.
 CLASSIFICATION_FIELDS = ("ways", "data_root", "split", "filters", "downsample", "batch_norm")
 

@@ -19,7 +19,7 @@ import torch
 
 from .arviz import to_inference_data
 from .config import ConfigError, RunConfig
-from .evaluate import evaluate, predict
+from .evaluate import evaluate, per_task_weights, predict
 from .learner import MetaLearner
 from .methods import build_learner, protocol_of, resolve
 from .plots import plot_regression_tasks, plot_reliability, plot_training_curve
@@ -167,9 +167,9 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, learner: Met
 def export_run(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark) -> Path:
     sub = bm.test.select(slice(0, EXPORT_TASKS)).to(cfg.device)
     samples = max(cfg.eval_samples, 1)
-    model = learner.model
-    if not hasattr(model, "theta") and hasattr(getattr(model, "net", None), "num_params"):
-        samples = max(1, min(samples, EXPORT_VALUES // (sub.num_tasks * model.net.num_params)))
+    d = per_task_weights(learner)
+    if d:
+        samples = max(1, min(samples, EXPORT_VALUES // (sub.num_tasks * d)))
     pred = predict(learner, sub, samples, seed=cfg.seed)
     idata = to_inference_data(learner, sub, prediction=pred)
     tmp = run_dir / f".{POSTERIOR}.tmp"

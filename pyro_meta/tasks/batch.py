@@ -124,13 +124,30 @@ class TaskBatch:
     def is_classification(self) -> bool:
         return not self.y_support.is_floating_point()
 
+    def _derived(self, fn) -> TaskBatch:
+        """``fn`` applied to every tensor, without re-running the checks: moving or selecting tasks
+        keeps a checked batch valid, and the finiteness check would cost a pass over every pixel
+        (and a device sync on a GPU) in every training step."""
+        out = object.__new__(TaskBatch)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "info":
+                v = {k: fn(t) for k, t in v.items()}
+            elif v is not None:
+                v = fn(v)
+            object.__setattr__(out, f.name, v)
+        return out
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        """Move to ``device``; cast floating tensors to ``dtype`` (labels stay int64)."""
+        """Move to ``device``; cast floating tensors to ``dtype`` (labels stay int64). A cast is
+        checked again (float64 -> float32 can overflow); a move alone is not."""
+        if dtype is None:
+            return self._derived(lambda t: t.to(device=device))
 
         def mv(t: Tensor | None) -> Tensor | None:
             if t is None:
                 return None
-            if dtype is not None and t.is_floating_point():
+            if t.is_floating_point():
                 return t.to(device=device, dtype=dtype)
             return t.to(device=device)
 
@@ -146,17 +163,9 @@ class TaskBatch:
         """The tasks at ``index`` (a slice, a list or a tensor of task indices)."""
         if isinstance(index, list):
             index = torch.as_tensor(index, dtype=torch.long)
-
-        def sel(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[index]
-
-        return TaskBatch(
-            sel(self.x_support),
-            sel(self.y_support),
-            sel(self.x_query),
-            sel(self.y_query),
-            {k: v[index] for k, v in self.info.items()},
-        )
+        if not isinstance(index, slice) and (not isinstance(index, Tensor) or index.dim() != 1):
+            raise TaskBatchError(f"select: expected a slice, a list or a 1-d tensor of task indices, got {index!r}")
+        return self._derived(lambda t: t[index])
 
     def without_query_labels(self) -> TaskBatch:
         return replace(self, y_query=None)
