@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import arviz as az
 import numpy as np
 import torch
 
-from .evaluate import QUERY_SITE, Prediction, predict
+from .evaluate import QUERY_SITE, SUPPORT_SITE, Prediction, _points, predict
 from .learner import MetaLearner
 from .tasks import TaskBatch
+
+HELDOUT_GROUP = "heldout_log_likelihood"
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -52,8 +55,16 @@ def to_inference_data(learner: MetaLearner, batch: TaskBatch, num_samples: int =
       ``psi``: ``(chain, draw, task, class, psi_dim)``); weight coordinates are the model's
       ``site_coords(name)`` (VERSA: ``w[i]``, ``b``) or the network's parameter names (``w0[3,0]``)
       when the learner's model has a functional ``net``.
-    - ``posterior_predictive``: ``y_query`` ``(chain, draw, task, query)``.
-    - ``log_likelihood``: ``y_query``: ``log p(y_tq | phi_s)``, ``(chain, draw, task, query)``.
+    - ``posterior_predictive``: ``y_query`` ``(chain, draw, task, query)``: draws of the held-out query
+      labels from the support-conditioned posterior.
+    - ``log_likelihood``: ``y_support``: ``log p(y_tn | phi_s)``, ``(chain, draw, task, support)``, the
+      observations the posterior conditioned on (present when the model observes the support set at
+      ``y_support``, e.g. ABML; absent for MAML and VERSA, whose models score the query set only).
+      ``az.loo`` reads this group, so PSIS-LOO is computed over conditioned-on data only.
+    - ``heldout_log_likelihood``: ``y_query``: ``log p(y_tq | phi_s)``, ``(chain, draw, task, query)``,
+      for query points the posterior did **not** condition on. Their held-out log predictive density is
+      :func:`pyro_meta.metrics.heldout_lpd` (``eval.json``, ``pyro-meta inspect``); PSIS-LOO over
+      them would treat them as conditioned on and is not meaningful.
     - ``observed_data``: ``y_query (task, query)``.
     - ``constant_data``: ``x_query (task, query)``, ``x_support``, ``y_support (task, support)``.
 
@@ -88,7 +99,11 @@ def to_inference_data(learner: MetaLearner, batch: TaskBatch, num_samples: int =
     if y_draws.dim() == 4 and y_draws.shape[-1] == 1:
         y_draws = y_draws[..., 0]
     posterior_predictive = {QUERY_SITE: _np(y_draws)[None]}
-    log_likelihood = {QUERY_SITE: _np(pred.log_lik)[None]}
+    heldout = {QUERY_SITE: _np(_points(pred.log_lik))[None]}
+    log_likelihood = None
+    if pred.support_log_lik is not None:
+        log_likelihood = {SUPPORT_SITE: _np(_points(pred.support_log_lik))[None]}
+        dims[SUPPORT_SITE] = ["task", "support"]
     dims[QUERY_SITE] = ["task", "query"]
     x_q = batch.x_query.flatten(2)
     x_s = batch.x_support.flatten(2)
@@ -100,7 +115,7 @@ def to_inference_data(learner: MetaLearner, batch: TaskBatch, num_samples: int =
     dims["x_query"] = ["task", "query"] + (["x_dim"] if x_q.shape[-1] > 1 else [])
     dims["x_support"] = ["task", "support"] + (["x_dim"] if x_s.shape[-1] > 1 else [])
     dims["y_support"] = ["task", "support"]
-    return az.from_dict(
+    idata = az.from_dict(
         posterior=posterior,
         posterior_predictive=posterior_predictive,
         log_likelihood=log_likelihood,
@@ -108,5 +123,10 @@ def to_inference_data(learner: MetaLearner, batch: TaskBatch, num_samples: int =
         constant_data=constant,
         coords=coords,
         dims=dims,
-        attrs={"learner": learner.name, "inference": "guide draws (independent), one chain"},
+        attrs={"learner": learner.name, "inference": "guide draws (independent), one chain",
+               "heldout": "heldout_log_likelihood: query points the posterior did not condition on"},
     )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(group.*not.*defined|dims 'chain' and 'draw').*")
+        idata.add_groups({HELDOUT_GROUP: heldout}, coords=coords, dims={QUERY_SITE: ["task", "query"]})
+    return idata

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig
+from .evaluate import LeakError
 from .methods import METHODS, resolve
 from .tasks import BENCHMARKS, ProtocolError, TaskBatchError
-from .train import CheckpointError, NonFiniteError
+from .train import CheckpointError, NonFiniteError, TaskSourceExhausted
 
 # CLI flag -> RunConfig field (only the flags a user gave are applied, so --resume can tell them apart)
 TRAIN_FLAGS = {
@@ -22,8 +23,11 @@ TRAIN_FLAGS = {
     "skip_nonfinite": "skip_nonfinite", "inner_lr": "inner_lr", "meta_lr": "meta_lr",
     "ways": "ways", "queries": "queries", "eval_queries": "eval_queries", "data_root": "data_root",
     "split": "split", "test_tasks": "num_test_tasks", "eval_samples": "eval_samples",
-    "batch_norm": "batch_norm", "objective": "objective",
+    "batch_norm": "batch_norm", "objective": "objective", "threads": "threads",
 }
+# CLI flag -> key of the lr_schedule object (pyro_meta.schedule)
+SCHEDULE_FLAGS = {"lr_schedule": "name", "lr_warmup": "warmup_steps", "lr_gamma": "gamma", "lr_every": "every",
+                  "lr_min_factor": "min_factor", "lr_total_steps": "total_steps"}
 
 # The demo's budget: small enough for 2 CPU cores in under 5 minutes, large enough to learn.
 DEMO_STEPS = {"maml": 3000, "abml": 2000}
@@ -32,7 +36,9 @@ DEMO_STEPS = {"maml": 3000, "abml": 2000}
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="meta-train a method on a benchmark into a run directory")
     S = argparse.SUPPRESS
-    p.add_argument("benchmark", nargs="?", default=S, help=f"one of: {', '.join(sorted(BENCHMARKS))}")
+    p.add_argument("benchmark", nargs="?", default=S,
+                   help=f"one of: {', '.join(sorted(BENCHMARKS))}; or your task function's import path "
+                        "module:function (see the README, 'Your own task family')")
     p.add_argument("--method", default=S, help=f"one of: {', '.join(sorted(METHODS))} (default maml)")
     p.add_argument("--shots", type=int, default=S, help="support points per task (per class) (default 5)")
     p.add_argument("--ways", type=int, default=S, help="classes per task (classification; default 5)")
@@ -54,7 +60,21 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="tasks per meta-batch (default: the paper's)")
     p.add_argument("--inner-steps", dest="inner_steps", type=int, default=S, help="K in meta-training")
     p.add_argument("--inner-lr", dest="inner_lr", type=float, default=S, help="inner SGD step size")
-    p.add_argument("--meta-lr", dest="meta_lr", type=float, default=S, help="Adam step size (the paper's)")
+    p.add_argument("--meta-lr", dest="meta_lr", type=float, default=S,
+                   help="Adam step size (the paper's); on --resume, applied from the resumed step and recorded")
+    p.add_argument("--lr-schedule", dest="lr_schedule", choices=["constant", "cosine", "exponential"], default=S,
+                   help="meta learning-rate schedule (default constant)")
+    p.add_argument("--lr-warmup", dest="lr_warmup", type=int, default=S, help="linear warm-up steps (0)")
+    p.add_argument("--lr-gamma", dest="lr_gamma", type=float, default=S,
+                   help="exponential: factor per --lr-every steps (BMAML: 0.98 per epoch)")
+    p.add_argument("--lr-every", dest="lr_every", type=int, default=S,
+                   help="exponential: steps per decay, i.e. an epoch in meta-batches (1)")
+    p.add_argument("--lr-min-factor", dest="lr_min_factor", type=float, default=S,
+                   help="cosine: final rate as a fraction of --meta-lr (0)")
+    p.add_argument("--lr-total-steps", dest="lr_total_steps", type=int, default=S,
+                   help="cosine: steps over which it decays (default: --steps)")
+    p.add_argument("--threads", type=int, default=S,
+                   help="torch intra-op threads (default: 1 for MLPs; see pyro_meta/threads.py)")
     p.add_argument("--first-order", dest="first_order", action="store_true", default=S,
                    help="drop second-order terms of the meta-gradient")
     p.add_argument("--skip-nonfinite", dest="skip_nonfinite", action="store_true", default=S,
@@ -93,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
-    return {TRAIN_FLAGS[k]: v for k, v in vars(args).items() if k in TRAIN_FLAGS}
+    given = {TRAIN_FLAGS[k]: v for k, v in vars(args).items() if k in TRAIN_FLAGS}
+    schedule = {SCHEDULE_FLAGS[k]: v for k, v in vars(args).items() if k in SCHEDULE_FLAGS}
+    if schedule:
+        given["lr_schedule"] = schedule
+    return given
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -111,10 +135,16 @@ def cmd_train(args: argparse.Namespace) -> int:
                              overrides=given)
     else:
         base = RunConfig.load(args.config).to_dict() if args.config else {}
+        if "lr_schedule" in given and isinstance(base.get("lr_schedule"), dict):
+            old = base["lr_schedule"]
+            new = given["lr_schedule"]
+            if "name" not in new or new["name"] == old.get("name", "constant"):
+                given["lr_schedule"] = {**old, **new}
         base.update(given)
         cfg = resolve(RunConfig.from_dict(base, source="command line"))
         ways = f"{cfg.ways}way-" if cfg.ways else ""
-        out = args.out or Path("runs") / f"{cfg.benchmark}-{cfg.method}-{ways}{cfg.shots}shot-s{cfg.seed}"
+        bench = cfg.benchmark.replace(":", "-").replace("/", "-")  # an import path is not a folder name
+        out = args.out or Path("runs") / f"{bench}-{cfg.method}-{ways}{cfg.shots}shot-s{cfg.seed}"
         out, res = train_run(cfg, out, progress=not args.no_progress)
     print(f"trained {res.step} steps in {res.seconds:.1f} s ({res.skipped} skipped); run directory: {out}")
     ev = out / "eval.json"
@@ -137,7 +167,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_run
+    from .run import read_config
+    from .threads import apply_threads
 
+    apply_threads(read_config(args.run_dir).threads or 1)
     print(inspect_run(args.run_dir, max_weights=args.max_weights))
     return 0
 
@@ -201,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, CheckpointError, ProtocolError, TaskBatchError, NonFiniteError, FloatingPointError,
-            ValueError) as e:
+            ValueError, LeakError, TaskSourceExhausted) as e:
         print(f"pyro-meta {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

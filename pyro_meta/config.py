@@ -40,6 +40,8 @@ class RunConfig:
     # optimization
     steps: int | None = None
     meta_lr: float | None = None
+    # {"name": "constant" | "cosine" | "exponential", ...}, see pyro_meta.schedule; None: constant
+    lr_schedule: dict | None = None
     grad_clip: float = 10.0
     # inner loop
     inner_steps: int | None = None
@@ -64,6 +66,7 @@ class RunConfig:
     # run
     seed: int = 0
     device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads; None: by network size (pyro_meta.threads)
     log_every: int = 50
     checkpoint_every: int = 1000
     skip_nonfinite: bool = False
@@ -129,7 +132,16 @@ class RunConfig:
         pos_int("inner_steps_eval", allow_none=True, allow_zero=True)
         pos_int("inner_samples", allow_none=True)
         pos_int("eval_samples", allow_none=True)
-        want(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer")
+        want(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32, "seed",
+             "an integer from 0 to 2**32 - 1")
+        pos_int("threads", allow_none=True)
+        if self.lr_schedule is not None:
+            from .schedule import ScheduleError, normalize_schedule
+
+            try:
+                normalize_schedule(self.lr_schedule, self.steps)
+            except ScheduleError as e:
+                raise ConfigError(f"{source}: {e}") from None
         pos_float("grad_clip")
         for name in ("meta_lr", "inner_lr", "noise_std", "prior_init_std"):
             pos_float(name, allow_none=True)

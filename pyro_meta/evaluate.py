@@ -18,6 +18,7 @@ from .models.base import WeightSpaceModel
 from .tasks import TaskBatch
 
 QUERY_SITE = "y_query"
+SUPPORT_SITE = "y_support"
 SAMPLES_DIM = -3  # left of the tasks plate (-2) and the points plate (-1)
 
 
@@ -36,6 +37,11 @@ class Prediction:
       quantiles are exact.
     - ``inner_plates``: per-task site -> names of its plates inside ``tasks`` (VERSA's ``psi``:
       ``("classes",)``, value ``[S, T, C, D]``).
+    - ``support_log_lik``: ``[S, T, N]`` ``log p(y_tn | phi_s)`` of the support points, when the model
+      observes them at ``y_support`` (the observations the posterior conditioned on), else ``None``.
+
+    Every draw comes from the learner run on the tasks without their query labels
+    (:func:`run_blind`); ``log_lik`` is computed afterwards from the labels.
     """
 
     latents: dict[str, Tensor]
@@ -46,6 +52,7 @@ class Prediction:
     y_draws: Tensor
     gaussian: bool
     inner_plates: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    support_log_lik: Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -75,10 +82,33 @@ def _plates(node: dict) -> list[str]:
     return [f.name for f in frames if f.name not in ("tasks", "samples") and f.dim > -3]
 
 
+class LeakError(RuntimeError):
+    """A guide that could not run without the query labels it must never see at evaluation."""
+
+
+def run_blind(learner: MetaLearner, batch: TaskBatch):
+    """Guide and model traces on ``batch`` with its query labels removed: the learner's predictive
+    guide (``learner.predictive_guide``, by default its guide) conditions on the support set alone,
+    and the model, replayed on the guide's draws, samples ``y_query`` instead of observing it. Nothing
+    the learner runs here can read ``batch.y_query``."""
+    blind = batch.without_query_labels()
+    guide = learner.predictive_guide
+    try:
+        guide_tr = poutine.trace(guide).get_trace(blind)
+    except Exception as e:  # noqa: BLE001 - re-raised with what went wrong and how to fix it
+        raise LeakError(
+            f"the {'predictive guide' if guide is not learner.guide else 'guide'} failed on a batch without "
+            f"query labels ({type(e).__name__}: {e}). At evaluation a guide sees the support set only "
+            "(batch.y_query is None). If your method's training guide reads the query set by design (as "
+            "PLATIPUS's does), give MetaLearner a predictive_guide that predicts from the support set "
+            "alone") from e
+    model_tr = poutine.trace(poutine.replay(learner.model, trace=guide_tr)).get_trace(blind)
+    return guide_tr, model_tr
+
+
 def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int, keep_latents: bool = True):
     with pyro.plate("samples", num_samples, dim=SAMPLES_DIM):
-        guide_tr = poutine.trace(learner.guide).get_trace(batch)
-        model_tr = poutine.trace(poutine.replay(learner.model, trace=guide_tr)).get_trace(batch)
+        guide_tr, model_tr = run_blind(learner, batch)
     if QUERY_SITE not in model_tr.nodes:
         raise ValueError(f"the model has no sample site named {QUERY_SITE!r}; the evaluator reads the "
                          "query predictive from it")
@@ -104,10 +134,15 @@ def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int, kee
         else:
             v = v.reshape(num_samples, *v.shape[v.dim() - e:])  # S 1 1 *event -> S *event
         latents[name] = v
-    y = batch.y_query
     base = _base(fn)
     gaussian = isinstance(base, torch.distributions.Normal)
-    mean = fn.mean if batch.y_query is None or batch.y_query.is_floating_point() else fn.probs
+    mean = fn.probs if batch.is_classification else fn.mean
+    support = model_tr.nodes.get(SUPPORT_SITE)
+    support_ll = None
+    if support is not None and support["type"] == "sample" and support["is_observed"]:
+        support_ll = support["fn"].log_prob(support["value"]).detach()
+        support_ll = support_ll.expand((num_samples,) + support_ll.shape[1:])  # S T N
+    y = batch.y_query  # only now, to score the draws the blind model made
     return {
         "latents": latents,
         "per_task": tuple(per_task),
@@ -115,8 +150,9 @@ def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int, kee
         "mean": mean.detach().expand((num_samples,) + mean.shape[1:]),
         "stddev": base.scale.detach().expand_as(mean) if gaussian else None,
         "log_lik": fn.log_prob(y).detach() if y is not None else None,
-        "y_draws": (site["value"] if y is None else fn.sample()).detach(),
+        "y_draws": site["value"].detach().expand((num_samples,) + site["value"].shape[1:]),
         "gaussian": gaussian,
+        "support_log_lik": support_ll,
     }
 
 
@@ -178,7 +214,7 @@ def predict(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed
     for name, v in first["latents"].items():
         latents[name] = torch.cat([c["latents"][name] for c in chunks], 1) if name in first["per_task"] else v
     return Prediction(latents, first["per_task"], cat("mean"), cat("stddev"), cat("log_lik"),
-                      cat("y_draws"), first["gaussian"], first["inner_plates"])
+                      cat("y_draws"), first["gaussian"], first["inner_plates"], cat("support_log_lik"))
 
 
 def finite_tasks(pred: Prediction) -> Tensor:
@@ -197,7 +233,7 @@ def _select_tasks(pred: Prediction, keep: Tensor) -> Prediction:
 
     latents = {k: (v[:, keep] if k in pred.per_task else v) for k, v in pred.latents.items()}
     return Prediction(latents, pred.per_task, sel(pred.mean), sel(pred.stddev), sel(pred.log_lik),
-                      sel(pred.y_draws), pred.gaussian, pred.inner_plates)
+                      sel(pred.y_draws), pred.gaussian, pred.inner_plates, sel(pred.support_log_lik))
 
 
 def predictive_quantile(pred: Prediction, p: float) -> Tensor:
@@ -224,8 +260,14 @@ def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str
         lo = predictive_quantile(pred, (1 - level) / 2)
         hi = predictive_quantile(pred, (1 + level) / 2)
         out[f"coverage{int(level * 100)}"] = M.mean_ci(M.interval_coverage(y, lo, hi))
+    out["heldout_lpd"] = M.heldout_lpd(_points(pred.log_lik))
     out["nonfinite_tasks"] = {"count": bad, "of": batch.num_tasks}
     return out
+
+
+def _points(log_lik: Tensor) -> Tensor:
+    """``[S, T, Q, ...]`` (several outputs per point) -> ``[S, T, Q * ...]``."""
+    return log_lik.flatten(2) if log_lik.dim() > 3 else log_lik
 
 
 def _finite_only(pred: Prediction, batch: TaskBatch) -> tuple[Prediction, Tensor, int]:
@@ -256,6 +298,7 @@ def classification_metrics(pred: Prediction, batch: TaskBatch,
         "accuracy": M.mean_ci(M.accuracy(probs, y)),
         "nll": M.mean_ci(M.mixture_nll(pred.log_lik)),
         "brier": M.mean_ci(M.brier(probs, y)),
+        "heldout_lpd": M.heldout_lpd(_points(pred.log_lik)),
         "ece": {"value": cal["ece"], "bins": num_bins},
         "mce": {"value": cal["mce"], "bins": num_bins},
         "reliability": {k: [None if v != v else float(v) for v in bins[k].tolist()]

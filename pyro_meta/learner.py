@@ -31,6 +31,10 @@ class MetaLearner(nn.Module):
     :param objective: default ``Trace_ELBO()``; any object with ``differentiable_loss``.
     :param name: a label for logs and plots.
     :param protocol: the method's resolved settings, written into the run's config.
+    :param predictive_guide: the program that predicts from the support set alone, run by the
+        evaluator, the ArviZ export and the plots on tasks **without** their query labels. Default: the
+        guide. A method whose training guide reads the query set by design (PLATIPUS) declares one
+        here; it must emit the same latent sites as the guide.
 
     The loss is divided by the number of tasks: a meta-batch's loss is the mean over its tasks.
 
@@ -41,11 +45,14 @@ class MetaLearner(nn.Module):
     """
 
     def __init__(self, model: nn.Module, guide: nn.Module, objective: Objective | None = None,
-                 name: str = "custom", protocol: dict | None = None):
+                 name: str = "custom", protocol: dict | None = None, predictive_guide: nn.Module | None = None):
         super().__init__()
         if not callable(model) or not callable(guide):
             raise TypeError("model and guide must be callables (Pyro programs) taking a TaskBatch")
+        if predictive_guide is not None and not callable(predictive_guide):
+            raise TypeError("predictive_guide must be a callable (a Pyro program) taking a TaskBatch")
         self.model, self.guide = model, guide
+        self._predictive_guide = predictive_guide
         self.objective = objective if objective is not None else Trace_ELBO()
         self.name = name
         self.protocol = dict(protocol or {})
@@ -60,3 +67,8 @@ class MetaLearner(nn.Module):
             return self.objective.differentiable_loss(self.model, self.guide, batch)
 
     forward = loss
+
+    @property
+    def predictive_guide(self):
+        """What the evaluator runs on support-only tasks: the declared predictive guide, else the guide."""
+        return self._predictive_guide if self._predictive_guide is not None else self.guide

@@ -17,7 +17,10 @@ from .learner import MetaLearner
 from .likelihoods import Categorical, Gaussian, Likelihood
 from .models import MSE_NOISE_STD, ABMLModel, MAMLModel, VERSAModel
 from .nn import MLP, Conv4, FunctionalNet
-from .tasks import BENCHMARKS, CLASSIFICATION_BENCHMARKS
+from .schedule import normalize_schedule
+from .tasks import BENCHMARKS, BUILTIN_BENCHMARKS, CLASSIFICATION_BENCHMARKS, is_known_benchmark
+from .tasks.custom import custom_family
+from .threads import default_threads
 
 # Settings whose meaning and default depend on the method.
 METHOD_FIELDS = ("inner_steps", "inner_steps_eval", "inner_lr", "noise_std", "learn_noise",
@@ -43,6 +46,10 @@ def _net(cfg: RunConfig) -> FunctionalNet:
     """The task network (MAML, ABML: with a ``ways``-wide head) or feature extractor (VERSA)."""
     if cfg.benchmark in ("sinusoid", "sinusoid_line"):
         return MLP([1, *cfg.hidden, 1], cfg.activation)
+    family = custom_family(cfg.benchmark)
+    if family is not None:
+        x_shape, y_dim = family.probe["x_shape"], family.probe["y_dim"]
+        return MLP([x_shape[0], *cfg.hidden, y_dim], cfg.activation)
     if cfg.benchmark in CLASSIFICATION_BENCHMARKS:
         return Conv4(None if cfg.method == "versa" else cfg.ways, in_channels=1, image_size=28,
                      filters=cfg.filters, downsample=cfg.downsample, batch_norm=cfg.batch_norm)
@@ -186,10 +193,10 @@ def _versa_defaults(benchmark: str, ways: int | None, shots: int) -> dict[str, A
 METHODS: dict[str, MethodInfo] = {
     "maml": MethodInfo(
         "maml", "MAML, the point-estimate baseline (Delta guide from K SGD steps)",
-        _maml_defaults, _build_maml, _maml_protocol, ("sinusoid", "sinusoid_line", "omniglot")),
+        _maml_defaults, _build_maml, _maml_protocol, ("sinusoid", "sinusoid_line", "omniglot", "custom")),
     "abml": MethodInfo(
         "abml", "ABML: hyperprior on a Gaussian prior; Gaussian guide from K SGD steps on the support ELBO",
-        _abml_defaults, _build_abml, _abml_protocol, ("sinusoid", "sinusoid_line", "omniglot")),
+        _abml_defaults, _build_abml, _abml_protocol, ("sinusoid", "sinusoid_line", "omniglot", "custom")),
     "versa": MethodInfo(
         "versa", "VERSA: per-class amortized Gaussian over a linear head on a shared feature extractor; ML-PIP",
         _versa_defaults, _build_versa, _versa_protocol, ("omniglot",)),
@@ -227,9 +234,13 @@ def resolve(cfg: RunConfig) -> RunConfig:
     the benchmark does not use, unknown methods and unknown benchmarks."""
     cfg.check()
     info = get_method(cfg.method)
-    if cfg.benchmark not in BENCHMARKS:
-        raise ConfigError(f"unknown benchmark {cfg.benchmark!r}; known: {', '.join(sorted(BENCHMARKS))}")
-    if cfg.benchmark not in info.benchmarks:
+    if not is_known_benchmark(cfg.benchmark):
+        raise ConfigError(f"unknown benchmark {cfg.benchmark!r}; known: {', '.join(sorted(BENCHMARKS))}, or a "
+                          "task function's import path 'module:function'")
+    family = custom_family(cfg.benchmark) if cfg.benchmark not in BUILTIN_BENCHMARKS else None
+    if family is not None:
+        _check_custom(cfg, info, family)
+    elif cfg.benchmark not in info.benchmarks:
         raise ConfigError(f"method {cfg.method!r} runs on {', '.join(info.benchmarks)}, not on {cfg.benchmark!r}")
     classification = cfg.benchmark in CLASSIFICATION_BENCHMARKS
     updates: dict[str, Any] = {}
@@ -251,9 +262,26 @@ def resolve(cfg: RunConfig) -> RunConfig:
             updates[name] = v
     if classification and cfg.method != "versa" and cfg.hidden is not None:
         raise ConfigError(f"hidden is VERSA's amortizer width; {cfg.method!r} on {cfg.benchmark!r} uses conv4")
+    if cfg.threads is None:
+        updates["threads"] = default_threads("conv4" if classification else "mlp")
     out = replace(cfg, **updates)
+    out = replace(out, lr_schedule=normalize_schedule(out.lr_schedule, out.steps))
     out.check()
     return out
+
+
+def _check_custom(cfg: RunConfig, info: MethodInfo, family) -> None:
+    """Built-in methods on a user task family: regression with flat inputs ``[T, N, F]`` (an MLP)."""
+    if "custom" not in info.benchmarks:
+        raise ConfigError(f"method {cfg.method!r} does not run on user task families (it runs on "
+                          f"{', '.join(info.benchmarks)}); write its model and guide for your tasks instead")
+    if family.kind != "regression":
+        raise ConfigError(f"task family {cfg.benchmark!r} draws classification tasks; the built-in methods run on "
+                          "user task families for regression (a classification family works with your own model "
+                          "and guide through fit/evaluate)")
+    if len(family.probe["x_shape"]) != 1:
+        raise ConfigError(f"task family {cfg.benchmark!r} draws inputs of shape {list(family.probe['x_shape'])} per "
+                          "point; the built-in methods' MLP needs flat inputs [T, N, F]")
 
 
 def build_learner(cfg: RunConfig) -> MetaLearner:

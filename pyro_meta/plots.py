@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from .evaluate import predict, predictive_quantile  # noqa: E402
 from .learner import MetaLearner  # noqa: E402
@@ -18,10 +22,13 @@ from .tasks import RegressionFamily, TaskBatch  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
-    fig.tight_layout()
+    """Lay out (unless the figure has a layout engine already), write with a tight bounding box so no
+    label is clipped, and close."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.08)
     plt.close(fig)
     return path
 
@@ -77,19 +84,88 @@ def plot_regression_tasks(learners: Sequence[tuple[str, MetaLearner, int]], batc
     return _save(fig, path)
 
 
-def plot_training_curve(metrics_jsonl: str | Path, path: str | Path) -> Path | None:
-    """Meta-training loss against step, from a run's ``metrics.jsonl``."""
+def _running_mean(v: np.ndarray, window: int) -> np.ndarray:
+    """Centred running mean of ``v`` over ``window`` points (shorter windows at the ends)."""
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    half = window // 2
+    i = np.arange(len(v))
+    lo, hi = np.maximum(i - half, 0), np.minimum(i + window - half, len(v))
+    return (c[hi] - c[lo]) / (hi - lo)
+
+
+def _loss_scale(finite: np.ndarray) -> tuple[str, float]:
+    """``("linear" | "log" | "symlog", linthresh)`` for losses ``finite``: linear unless they span
+    1.5 decades or more; then log when all are positive, else symlog, linear within the smallest
+    typical magnitude."""
+    if finite.size < 2:
+        return "linear", 1.0
+    mags = np.abs(finite[finite != 0])
+    if mags.size == 0:
+        return "linear", 1.0
+    if (finite > 0).all():
+        return ("log", 1.0) if math.log10(finite.max() / finite.min()) >= 1.5 else ("linear", 1.0)
+    small = float(np.percentile(mags, 5))
+    if math.log10(mags.max() / small) < 1.5:
+        return "linear", 1.0
+    return "symlog", 10.0 ** math.floor(math.log10(small))
+
+
+def _short_number(v: float, _pos: Any = None) -> str:
+    return f"{v:g}"
+
+
+def _training_curve_figure(rows: Sequence[Mapping[str, Any]], title: str = "") -> plt.Figure:
+    """The training-loss figure of :func:`plot_training_curve` from ``metrics.jsonl`` rows (``loss``
+    ``None``/NaN for a skipped step), not yet saved."""
+    steps = np.array([float(r["step"]) for r in rows])
+    loss = np.array([float("nan") if r.get("loss") is None else float(r["loss"]) for r in rows])
+    ok = np.isfinite(loss)
+    finite = loss[ok]
+    fig, ax = plt.subplots(figsize=(6.0, 3.6), layout="constrained")
+    scale, linthresh = _loss_scale(finite)
+    many = finite.size >= 30
+    ax.plot(steps, loss, lw=0.8, color="tab:blue", alpha=0.45 if many else 1.0,
+            marker="o" if finite.size < 15 else None, ms=3,
+            label="loss per logged step" if finite.size else None)
+    if many:
+        window = max(5, finite.size // 20)
+        ax.plot(steps[ok], _running_mean(finite, window), lw=1.8, color="tab:blue",
+                label=f"running mean ({window} logged steps)")
+    if not ok.all():
+        ax.plot(steps[~ok], np.zeros((~ok).sum()), "|", ms=10, mew=1.5, color="tab:red", clip_on=False,
+                transform=ax.get_xaxis_transform(), label="skipped step (loss not finite)")
+    if finite.size == 0:
+        ax.text(0.5, 0.5, "no finite loss logged (every step skipped)", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9)
+    if scale == "log":
+        ax.set_yscale("log")
+        if math.log10(finite.max() / finite.min()) < 4:  # few decades: label 1, 2, 5 x 10^k too
+            ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(_short_number))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    elif scale == "symlog":
+        ax.set_yscale("symlog", linthresh=linthresh)
+        ax.yaxis.set_major_locator(ticker.SymmetricalLogLocator(base=10, linthresh=linthresh))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(_short_number))
+    ax.set_xlabel("meta-step", fontsize=9)
+    what = {"linear": "", "log": " (log scale)", "symlog": f" (symlog, linear within ±{linthresh:g})"}
+    ax.set_ylabel(f"meta-batch loss per task{what[scale]}", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3, which="major")
+    ax.set_title(title or "meta-training loss", fontsize=10)
+    if many or not ok.all():
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def plot_training_curve(metrics_jsonl: str | Path, path: str | Path, title: str = "") -> Path | None:
+    """Meta-training loss against step, from a run's ``metrics.jsonl``, with a running mean when
+    there are many points and marks at skipped steps (``loss`` null). The y scale follows the data:
+    linear over less than 1.5 decades, else log (or symlog when some losses are <= 0)."""
     rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    loss = [float("nan") if r["loss"] is None else r["loss"] for r in rows]  # null: a skipped step
-    ax.plot([r["step"] for r in rows], loss, lw=1)
-    ax.set_xlabel("meta-step")
-    ax.set_ylabel("meta-batch loss (per task)")
-    ax.set_yscale("symlog")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _save(_training_curve_figure(rows, title), path)
 
 
 def plot_reliability(reliability: dict[str, list], path: str | Path, title: str = "") -> Path:
@@ -121,3 +197,226 @@ def plot_reliability(reliability: dict[str, list], path: str | Path, title: str 
     axn.set_xlabel("confidence (top-class predictive probability)")
     axn.set_ylabel("fraction")
     return _save(fig, path)
+
+
+def _kde(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Gaussian kernel density of ``values`` on the evenly spaced ``grid`` (Silverman's bandwidth),
+    from a fine histogram smoothed with the kernel, so it stays cheap for many values."""
+    values = values[np.isfinite(values)]
+    n = values.size
+    if n == 0:
+        return np.zeros_like(grid)
+    sd = values.std()
+    iqr = np.subtract(*np.percentile(values, [75, 25]))
+    spread = min(sd, iqr / 1.34) if iqr > 0 else sd
+    step = grid[1] - grid[0]
+    bw = max(0.9 * spread * n ** (-0.2), step)
+    edges = np.concatenate([grid - step / 2, [grid[-1] + step / 2]])
+    counts, _ = np.histogram(values, bins=edges)
+    half = int(np.ceil(4 * bw / step))
+    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) * step / bw) ** 2)
+    dens = np.convolve(counts, kernel, mode="full")[half:half + grid.size]
+    return dens / max(dens.sum() * step, 1e-300)
+
+
+def _selection_text(coords: Mapping[str, Any]) -> str:
+    """``{"task": 0, "class": 2, "phi_dim": [...]}`` -> ``"test task 0, class 2"``."""
+    parts = []
+    for k, v in coords.items():
+        if np.ndim(v) == 0:
+            parts.append(f"test task {v}" if k == "task" else f"{k} {v}")
+    return ", ".join(parts)
+
+
+def _weight_draws(idata: Any, var_name: str, coords: Mapping[str, Any]) -> tuple[np.ndarray, list[str]]:
+    """Draws ``[num_weights, chains * draws]`` of ``idata.posterior[var_name]`` at ``coords`` and a
+    label per weight (every dim besides chain and draw is flattened into weights)."""
+    da = idata.posterior[var_name]
+    da = da.sel({k: v for k, v in coords.items() if k in da.dims})
+    rest = [d for d in da.dims if d not in ("chain", "draw")]
+    da = da.transpose(*rest, "chain", "draw")
+    shape = [da.sizes[d] for d in rest]
+    values = np.asarray(da.values, dtype=np.float64).reshape(int(np.prod(shape)), -1)
+    labels = []
+    for idx in np.ndindex(*shape):
+        names = []
+        for d, i in zip(rest, idx):
+            c = da[d].values[i] if d in da.coords else i
+            named = isinstance(c, str) and not (len(rest) > 1 and d in ("task", "class"))
+            names.append(str(c) if named else f"{d} {c}")
+        labels.append(", ".join(names) if names else var_name)
+    return values, labels
+
+
+def _is_point(v: np.ndarray) -> bool:
+    v = v[np.isfinite(v)]
+    return v.size <= 1 or float(np.ptp(v)) <= 1e-12 * max(1.0, float(np.abs(v).max()))
+
+
+def _point_estimate_figure(values: np.ndarray, labels: list[str], heading: str) -> plt.Figure:
+    """One panel: each weight's (single) value as a labelled dot on a line from zero."""
+    n = len(labels)
+    point = np.array([v[np.isfinite(v)][0] if np.isfinite(v).any() else np.nan for v in values])
+    fig, ax = plt.subplots(figsize=(6.4, 1.4 + 0.32 * n), layout="constrained")
+    y = np.arange(n)[::-1]
+    ax.hlines(y, 0, np.nan_to_num(point), color="tab:blue", lw=1.5)
+    ax.plot(point, y, "o", color="tab:blue", ms=6)
+    ax.axvline(0, color="gray", lw=0.8)
+    for yi, v in zip(y, point):
+        ax.annotate(f"{v:.4g}", (0 if not np.isfinite(v) else v, yi), xytext=(6 if v >= 0 else -6, 0),
+                    textcoords="offset points", ha="left" if v >= 0 else "right", va="center", fontsize=8)
+    span = np.nanmax(np.abs(point)) if np.isfinite(point).any() else 1.0
+    span = span if span > 0 else 1.0
+    lo, hi = min(np.nanmin(point), 0.0), max(np.nanmax(point), 0.0)
+    ax.set_xlim(lo - (0.3 if lo < 0 else 0.05) * span, hi + (0.3 if hi > 0 else 0.05) * span)
+    ax.set_ylim(-0.7, n - 0.3)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_xlabel("value", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    ax.set_title(heading, fontsize=10)
+    return fig
+
+
+def _posterior_weights_figure(idata: Any, var_name: str, coords: Mapping[str, Any], title: str = "",
+                              max_weights: int = 24, hdi_prob: float = 0.94) -> plt.Figure | None:
+    """The figure of :func:`plot_posterior_weights`, not yet saved; ``None`` when there is nothing
+    to draw (no such variable, or an empty selection)."""
+    import arviz as az
+
+    if var_name not in idata.posterior:
+        return None
+    values, labels = _weight_draws(idata, var_name, coords)
+    total = len(labels)
+    if total == 0 or values.shape[1] == 0:
+        return None
+    values, labels = values[:max_weights], labels[:max_weights]
+    n, draws = len(labels), values.shape[1]
+    where = _selection_text(coords)
+    which = f"first {n} of {total} weights" if total > n else f"{n} weight{'s' * (n > 1)}"
+    context = ", ".join(p for p in (where, which) if p)
+    point = [_is_point(v) for v in values]
+    if all(point):
+        why = "a single draw" if draws == 1 else f"all {draws} draws equal"
+        heading = title or f"posterior of {var_name} ({context})"
+        return _point_estimate_figure(values, labels, f"{heading}\npoint estimate ({why})")
+    ncols = min(4, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 0.9 + 2.4 * nrows), squeeze=False,
+                             layout="constrained")
+    for ax, v, label, is_point in zip(axes.flat, values, labels, point):
+        v = v[np.isfinite(v)]
+        ax.tick_params(labelsize=8)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=4))
+        ax.set_yticks([])
+        for side in ("left", "right", "top"):
+            ax.spines[side].set_visible(False)
+        if v.size == 0:
+            ax.text(0.5, 0.5, "no finite draws", ha="center", va="center", transform=ax.transAxes,
+                    fontsize=8)
+            ax.set_title(label, fontsize=9)
+            continue
+        if is_point:
+            ax.axvline(v[0], color="tab:blue", lw=2)
+            pad = max(0.1 * abs(v[0]), 1e-3)
+            ax.set_xlim(v[0] - pad, v[0] + pad)
+            ax.text(0.54, 0.6, "point estimate\n(all draws equal)", ha="left", va="center",
+                    transform=ax.transAxes, fontsize=8, bbox={"fc": "white", "ec": "none", "alpha": 0.8})
+            ax.set_title(f"{label}\nvalue {v[0]:.3g}", fontsize=9)
+            continue
+        lo, hi = (float(x) for x in az.hdi(v, hdi_prob=hdi_prob))
+        pad = 0.15 * (v.max() - v.min())
+        grid = np.linspace(v.min() - pad, v.max() + pad, 256)
+        ax.hist(v, bins=min(30, max(5, int(1.3 * np.sqrt(v.size)))), density=True, color="tab:blue",
+                alpha=0.3, lw=0)
+        dens = _kde(v, grid)
+        ax.plot(grid, dens, color="tab:blue", lw=1.5)
+        ax.axvline(v.mean(), color="black", ls="--", lw=1)
+        ax.plot([lo, hi], [0, 0], color="black", lw=4, solid_capstyle="butt", clip_on=False)
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{label}\nmean {v.mean():.3g}, HDI [{lo:.3g}, {hi:.3g}]", fontsize=9)
+    for ax in axes.flat[n:]:
+        fig.delaxes(ax)
+    heading = title or f"posterior of {var_name} ({context}), {draws} draws"
+    fig.suptitle(f"{heading}\nhistogram and density of the draws; dashed: mean; "
+                 f"black bar: {int(round(hdi_prob * 100))}% HDI", fontsize=10)
+    return fig
+
+
+def plot_posterior_weights(idata: Any, var_name: str, coords: Mapping[str, Any], path: str | Path,
+                           title: str = "", max_weights: int = 24) -> Path | None:
+    """Marginal posterior of some weights of ``idata.posterior[var_name]`` at ``coords`` (e.g.
+    ``{"task": 0, "phi_dim": names[:8]}``; VERSA's ``psi`` also takes ``"class"``): one panel per
+    weight (4 columns) with a histogram, a density, the mean and the 94% HDI. A point estimate (all
+    draws equal, e.g. MAML's Delta guide, or a single draw) is one panel of labelled values instead;
+    a single weight without spread among spread ones gets a marked line. ``None`` when there is
+    nothing to draw. At most ``max_weights`` weights are shown."""
+    fig = _posterior_weights_figure(idata, var_name, coords, title, max_weights)
+    return None if fig is None else _save(fig, path)
+
+
+def _ppc_figure(idata: Any, num_pp_samples: int = 50, title: str = "", seed: int = 0) -> plt.Figure:
+    """The figure of :func:`plot_ppc`, not yet saved."""
+    pp = idata.posterior_predictive["y_query"]
+    obs = np.asarray(idata.observed_data["y_query"].values)
+    pp = pp.stack(sample=("chain", "draw")).transpose("sample", ...)
+    sims = np.asarray(pp.values).reshape(pp.sizes["sample"], -1)  # S, tasks * queries
+    obs = obs.reshape(-1)
+    tasks = int(idata.observed_data["y_query"].sizes.get("task", 1))
+    k = max(1, min(num_pp_samples, sims.shape[0]))
+    pick = np.sort(np.random.default_rng(seed).choice(sims.shape[0], size=k, replace=False))
+    sims = sims[pick]
+    discrete = obs.dtype.kind in "iub" and pp.dtype.kind in "iub"
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    if discrete:
+        num = int(max(obs.max(initial=0), sims.max(initial=0))) + 1
+        classes = np.arange(num)
+        obs_frac = np.bincount(obs.astype(np.int64), minlength=num) / max(obs.size, 1)
+        sim_frac = np.stack([np.bincount(s.astype(np.int64), minlength=num) / max(s.size, 1)
+                             for s in sims])
+        width = 0.4
+        ax.bar(classes - width / 2, obs_frac, width, color="0.35", label="observed query labels")
+        mean = sim_frac.mean(0)
+        err = None
+        if k > 1:
+            lo, hi = np.percentile(sim_frac, [5, 95], axis=0)
+            err = np.stack([mean - lo, hi - mean])
+        ax.bar(classes + width / 2, mean, width, yerr=err, capsize=2, color="tab:blue", alpha=0.8,
+               label="posterior predictive" + (f" (mean, 5-95% over {k} draws)" if k > 1 else " (1 draw)"))
+        if num <= 25:
+            ax.set_xticks(classes)
+        else:
+            ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("query label (class index within a task)", fontsize=9)
+        ax.set_ylabel("fraction of query points", fontsize=9)
+        ax.set_ylim(0, max(obs_frac.max(initial=0), (mean + (0 if err is None else err[1])).max()) * 1.3)
+    else:
+        finite = np.concatenate([obs[np.isfinite(obs)], sims[np.isfinite(sims)]])
+        lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+        pad = 0.05 * (hi - lo) if hi > lo else 1.0
+        grid = np.linspace(lo - pad, hi + pad, 300)
+        for i, s in enumerate(sims):
+            ax.plot(grid, _kde(s, grid), color="tab:blue", lw=0.8, alpha=0.25 if k > 1 else 0.9,
+                    label=f"posterior predictive ({k} draw{'s' * (k > 1)})" if i == 0 else None)
+        if k > 1:
+            ax.plot(grid, _kde(sims.reshape(-1), grid), color="tab:orange", ls="--", lw=1.8,
+                    label="posterior predictive, all shown draws pooled")
+        ax.plot(grid, _kde(obs, grid), color="black", lw=2, label="observed query labels")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel(f"y at the held-out query points (pooled over {tasks} test tasks)", fontsize=9)
+        ax.set_ylabel("density", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    fig.legend(fontsize=8, loc="outside lower center", ncols=2, frameon=False)
+    ax.set_title(title or (f"posterior predictive check: held-out query points of the {tasks} exported "
+                           "test tasks\nposterior predictive draws vs the observed query labels"),
+                 fontsize=10)
+    return fig
+
+
+def plot_ppc(idata: Any, path: str | Path, num_pp_samples: int = 50, title: str = "") -> Path:
+    """Posterior predictive check of ``idata``'s ``y_query``: for regression, the density of each of
+    up to ``num_pp_samples`` posterior predictive draws (pooled over the exported test tasks' held-out
+    query points) against the observed query labels; for classification, the fraction of query
+    points per class label, observed against predicted. Works with a single draw."""
+    return _save(_ppc_figure(idata, num_pp_samples, title), path)

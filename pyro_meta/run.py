@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,17 +19,22 @@ import torch
 from .arviz import to_inference_data
 from .config import ConfigError, RunConfig
 from .evaluate import evaluate, per_task_weights, predict
+from .io import atomic_write_json
 from .learner import MetaLearner
 from .methods import build_learner, protocol_of, resolve
 from .plots import plot_regression_tasks, plot_reliability, plot_training_curve
+from .schedule import normalize_schedule
 from .tasks import Benchmark, get_benchmark
+from .threads import apply_threads
 from .train import CHECKPOINT, METRICS, FitResult, fit, json_safe, load_checkpoint, resolve_device
 
 CONFIG = "config.json"
 EVAL = "eval.json"
 POSTERIOR = "posterior.nc"
 # Settings that may change when a run is resumed: they do not change what is computed.
-RESUMABLE = ("steps", "device", "log_every", "checkpoint_every", "skip_nonfinite", "data_root")
+RESUMABLE = ("steps", "device", "log_every", "checkpoint_every", "skip_nonfinite", "data_root", "threads",
+             # the rates: a change applies from the resumed step on and is recorded in metrics.jsonl
+             "meta_lr", "lr_schedule")
 # posterior.nc holds the first few test tasks: all 600 would be hundreds of MB of weight draws.
 EXPORT_TASKS = 20
 # ... and at most this many per-task weight values (draws x tasks x weights): conv4 has ~1e5 weights.
@@ -50,11 +54,7 @@ def protocol_config(cfg: RunConfig) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(json_safe(data), f, indent=2, default=str, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, json_safe(data))
 
 
 def write_config(run_dir: Path, cfg: RunConfig, bm: Benchmark) -> None:
@@ -99,18 +99,26 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
             raise ConfigError(f"cannot resume {str(out)!r} with steps={overrides['steps']}: the run has "
                               f"already done {done} steps")
         clash = {k: (getattr(saved, k), v) for k, v in overrides.items()
-                 if k not in RESUMABLE and getattr(saved, k) != v}
+                 if k not in RESUMABLE and k in saved.to_dict() and getattr(saved, k) != v}
         if clash:
             parts = "; ".join(f"{k}: run has {a!r}, given {b!r}" for k, (a, b) in sorted(clash.items()))
             raise ConfigError(f"cannot resume {str(out)!r} with a different config ({parts}); start a new "
                               f"run with another --out instead")
+        partial = overrides.pop("lr_schedule", None)
         cfg = replace(saved, **{k: v for k, v in overrides.items() if k in RESUMABLE})
+        if partial is not None:
+            # settings given on resume, over the run's own schedule unless they name another one
+            old = saved.lr_schedule or {"name": "constant"}
+            same = "name" not in partial or partial["name"] == old.get("name")
+            merged = {**old, **partial} if same else dict(partial)
+            cfg = replace(cfg, lr_schedule=normalize_schedule(merged, cfg.steps))
     else:
         cfg = resolve(cfg)
         if (out / CHECKPOINT).exists() or (out / CONFIG).exists():
             raise ConfigError(f"{str(out)!r} already holds a run; pass --resume to continue it, or choose "
                               f"another --out (nothing was overwritten)")
     resolve_device(cfg.device)
+    apply_threads(cfg.threads)
     bm = benchmark_of(cfg)
     torch.manual_seed(cfg.seed)
     learner = build_learner(cfg)
@@ -119,7 +127,8 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
     result = fit(learner, bm.train, cfg.steps, meta_lr=cfg.meta_lr, grad_clip=cfg.grad_clip, out_dir=out,
                  resume=resume, run_config=protocol_config(cfg), device=cfg.device,
                  log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                 skip_nonfinite=cfg.skip_nonfinite, progress=progress, stop_after=stop_after)
+                 skip_nonfinite=cfg.skip_nonfinite, progress=progress, stop_after=stop_after,
+                 lr_schedule=cfg.lr_schedule)
     if finalize_run and result.step >= cfg.steps:
         finalize(out, cfg, learner, bm)
     return out, result
@@ -131,6 +140,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[RunConfig,
     cfg = read_config(run_dir)
     if device is not None:
         cfg = replace(cfg, device=device)
+    apply_threads(cfg.threads)
     ckpt = load_checkpoint(run_dir / CHECKPOINT)
     learner = build_learner(cfg)
     try:
@@ -225,7 +235,8 @@ def _format_classification(reports: list[dict[str, Any]]) -> str:
 
 def _run_one(cfg_dict: dict[str, Any], out: str) -> dict[str, Any]:
     """Worker of :func:`run_many`: one thread, skip finished runs, resume interrupted ones."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # workers run side by side: one thread each, whatever the network
+    cfg_dict = {**cfg_dict, "threads": cfg_dict.get("threads") or 1}
     out_p = Path(out)
     if (out_p / EVAL).exists():
         return json.loads((out_p / EVAL).read_text())

@@ -5,23 +5,24 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyro
 import torch
-from tqdm.auto import tqdm
 
+from .checks import check_learner
+from .io import atomic_write
 from .learner import MetaLearner
+from .progress import Progress
+from .schedule import lr_factor, normalize_schedule
 from .tasks import TaskBatch
+from .tasks.stream import as_task_source, is_resumable
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -34,6 +35,10 @@ class NonFiniteError(FloatingPointError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, or from a different run."""
+
+
+class TaskSourceExhausted(RuntimeError):
+    """The iterator of meta-batches given to ``fit`` ended before the last step."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,20 +58,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
-    a crash leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` to ``path`` atomically (:func:`pyro_meta.io.atomic_write`): a crash leaves either
+    the old file or the new one, never half of one; the file gets the umask's permissions."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -149,7 +143,7 @@ def _all_finite(learner: MetaLearner) -> bool:
 
 def fit(
     learner: MetaLearner,
-    tasks: Iterator[TaskBatch],
+    tasks: Iterable[TaskBatch] | TaskBatch,
     steps: int,
     meta_lr: float = 1e-3,
     grad_clip: float | None = 10.0,
@@ -163,24 +157,44 @@ def fit(
     progress: bool = True,
     validate: bool = False,
     stop_after: int | None = None,
+    lr_schedule: dict[str, Any] | str | None = None,
+    check_first_step: bool = True,
 ) -> FitResult:
     """Meta-train ``learner`` on meta-batches drawn from ``tasks`` with Adam on ``learner.loss``.
 
-    :param tasks: an iterator of :class:`TaskBatch` (a ``TaskStream`` saves and restores its position,
-        so a resumed run sees the same tasks as an uninterrupted one).
+    :param tasks: a task stream (``benchmark.train``: it saves and restores its position, so a resumed
+        run sees the same tasks as an uninterrupted one), a ``TaskBatch`` or a list of them (cycled in
+        order, position saved), or any iterable of ``TaskBatch`` (a generator trains, but a run on one
+        cannot be resumed: it has no position to save).
     :param steps: total meta-updates (a resumed run continues up to this number).
+    :param meta_lr: Adam's base step size; the rate of each update is ``meta_lr * factor(step)``.
+    :param lr_schedule: see :mod:`pyro_meta.schedule` (default constant). Both it and ``meta_lr`` are
+        saved in the checkpoint; given different values on resume, they apply from the resumed step on
+        and the change is recorded in ``metrics.jsonl`` (an ``"event": "lr_change"`` line).
     :param grad_clip: max global gradient norm (``None``: no clipping).
     :param out_dir: where ``checkpoint.pt`` and ``metrics.jsonl`` go (``None``: no files).
     :param resume: continue from ``out_dir/checkpoint.pt``; its ``run_config`` must equal this one.
     :param skip_nonfinite: skip a meta-batch whose loss or gradient is not finite, instead of stopping.
-    :param validate: Pyro's distribution validation (slower; off for training, on in tests).
+    :param validate: Pyro's distribution validation in every step (slower; off for training, on in tests).
+    :param check_first_step: run :func:`pyro_meta.checks.check_learner` on the first meta-batch (Pyro's
+        validation on, model/guide shapes, plates, the ``y_query`` site, a guide blind to query labels):
+        a miswired model fails at step 1 with the site named, not after an hour.
     :param stop_after: stop (with a checkpoint) after this many steps of this call, as an interruption
         would; for tests and time-sliced jobs.
     :raises NonFiniteError: a non-finite loss/gradient (unless skipped) or parameter; the message names
         the step, and the last checkpoint on disk is left as it was.
+    :raises ModelCheckError: the first-step check found a miswired model or guide.
     """
-    if steps < 1:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
+        raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
+    if not (isinstance(meta_lr, (int, float)) and math.isfinite(meta_lr) and meta_lr > 0):
+        raise ValueError(f"meta_lr must be a positive finite number, got {meta_lr!r}")
+    schedule = normalize_schedule(lr_schedule, steps)
+    tasks = as_task_source(tasks)
     dev = resolve_device(device)
     learner.to(dev)
     params = [p for p in learner.parameters() if p.requires_grad]
@@ -189,11 +203,17 @@ def fit(
     optimizer = torch.optim.Adam(params, lr=meta_lr)
     out = Path(out_dir) if out_dir is not None else None
     step, skipped, elapsed = 0, 0, 0.0
+    events: list[dict[str, Any]] = []
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     if resume:
         if out is None:
             raise ValueError("resume needs out_dir")
+        if not is_resumable(tasks):
+            raise CheckpointError(
+                f"cannot resume from a {type(tasks).__name__}: it has no state_dict/load_state_dict, so the "
+                "tasks after the checkpoint cannot be the ones an uninterrupted run would see. Train on a "
+                "task stream (get_benchmark(...).train, or a TaskFamily's stream) or a list of TaskBatch")
         ckpt = load_checkpoint(out / CHECKPOINT)
         if run_config is not None and ckpt.get("run_config") != run_config:
             diff = _diff(ckpt.get("run_config") or {}, run_config)
@@ -205,6 +225,17 @@ def fit(
         if steps < step:
             raise CheckpointError(f"the run in {str(out)!r} has already done {step} steps; asked for {steps}")
         _truncate_metrics(out / METRICS, step)
+        old_lr = ckpt.get("meta_lr", optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]))
+        old_schedule = ckpt.get("lr_schedule", {"name": "constant", "warmup_steps": 0})
+        if old_lr != meta_lr or old_schedule != schedule:
+            events.append({"step": step, "event": "lr_change", "meta_lr": {"from": old_lr, "to": meta_lr},
+                           "lr_schedule": {"from": old_schedule, "to": schedule}})
+
+    def set_lr() -> float:
+        lr = meta_lr * lr_factor(schedule, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def save(rng: dict[str, Any] | None = None) -> None:
         if out is None:
@@ -215,6 +246,7 @@ def fit(
             "format": CHECKPOINT_FORMAT, "step": step, "skipped": skipped, "seconds": elapsed,
             "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
             "rng": rng if rng is not None else _rng_state(tasks), "run_config": run_config,
+            "meta_lr": meta_lr, "lr_schedule": schedule,
         }, out / CHECKPOINT)
 
     if not resume:
@@ -222,14 +254,16 @@ def fit(
 
     history: list[dict[str, float]] = []
     log_file = open(out / METRICS, "a") if out is not None else None  # noqa: SIM115
-    interactive = sys.stderr.isatty()
-    bar = tqdm(total=steps, initial=step, disable=not progress, desc=f"meta-train {learner.name}",
-               unit="step", dynamic_ncols=True, file=sys.stderr,
-               mininterval=0.5 if interactive else 30.0)  # a log file gets a line every 30 s
+    for ev in events:
+        if log_file is not None:
+            log_file.write(json.dumps(json_safe(ev)) + "\n")
+            log_file.flush()
+    bar = Progress(steps, step, f"meta-train {learner.name}", enabled=progress)
     last_loss = float("nan")
     start_step, t0 = step, time.perf_counter()
     learner.train()
     step_start_rng: dict[str, Any] | None = None
+    checked = not check_first_step
     try:
         with pyro.validation_enabled(validate), _DeferredInterrupt() as interrupt:
             while step < steps:
@@ -239,7 +273,22 @@ def fit(
                     raise KeyboardInterrupt
                 # where this step starts: restored if the step is cut off before its update
                 step_start_rng = _rng_state(tasks) if out is not None else None
-                batch = next(tasks).to(dev)
+                try:
+                    batch = next(tasks)
+                except StopIteration:
+                    raise TaskSourceExhausted(
+                        f"the task source ran out after {step - start_step} meta-batches of this call (step "
+                        f"{step} of {steps}); give fit an endless stream (get_benchmark(...).train) or a list "
+                        "of TaskBatch, which is cycled") from None
+                if not isinstance(batch, TaskBatch):
+                    raise TypeError(f"the task source gave a {type(batch).__name__}, not a TaskBatch")
+                batch = batch.to(dev)
+                if not checked:
+                    # with the RNG as it was, so a checked run draws exactly what an unchecked one does
+                    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                        check_learner(learner, batch)
+                    checked = True
+                lr = set_lr()
                 loss = learner.loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -259,14 +308,14 @@ def fit(
                     optimizer.step()
                 step += 1
                 step_start_rng = None
-                bar.update(1)
+                bar.update()
                 if step % log_every == 0 or step == steps:
                     last_loss = loss.item()
                     now = elapsed + time.perf_counter() - t0
-                    rec = json_safe({"step": step, "loss": last_loss, "grad_norm": gnorm.item(),
+                    rec = json_safe({"step": step, "loss": last_loss, "grad_norm": gnorm.item(), "lr": lr,
                                      "skipped": skipped, "seconds": round(now, 3)})
                     history.append(rec)
-                    bar.set_postfix(loss=f"{last_loss:.4g}", skipped=skipped)
+                    bar.set(loss=f"{last_loss:.4g}", skipped=skipped)
                     if log_file is not None:
                         log_file.write(json.dumps(rec) + "\n")
                         log_file.flush()

@@ -1,6 +1,7 @@
 """Where tasks come from: TaskBatch, task families and the benchmark registry."""
 
 from .batch import TaskBatch, TaskBatchError
+from .custom import TaskFamily, register_benchmark, unregister_benchmark
 from .episodes import EpisodeSampler, fixed_episodes
 from .omniglot import (
     ClassPool,
@@ -15,11 +16,27 @@ from .omniglot import (
     omniglot_characters,
     vinyals_split,
 )
-from .registry import BENCHMARKS, CLASSIFICATION_BENCHMARKS, Benchmark, TaskStream, get_benchmark
+from .registry import (
+    BENCHMARKS,
+    BUILTIN_BENCHMARKS,
+    CLASSIFICATION_BENCHMARKS,
+    Benchmark,
+    TaskStream,
+    get_benchmark,
+    is_known_benchmark,
+)
 from .regression import ProtocolError, RegressionFamily, Sinusoid, SinusoidLine
+from .stream import BatchCycle, as_task_source
 
 __all__ = [
     "BENCHMARKS",
+    "BUILTIN_BENCHMARKS",
+    "BatchCycle",
+    "TaskFamily",
+    "as_task_source",
+    "is_known_benchmark",
+    "register_benchmark",
+    "unregister_benchmark",
     "CLASSIFICATION_BENCHMARKS",
     "Benchmark",
     "ProtocolError",

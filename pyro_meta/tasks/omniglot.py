@@ -34,6 +34,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from ..io import atomic_write, default_file_mode
 from .regression import ProtocolError
 
 
@@ -384,25 +385,14 @@ def _save_cache(path: Path, data: OmniglotData, fingerprint: str) -> None:
         "background": data.background,
         "digest": _digest(data.images, data.background),
     }
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a cache is not secret
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, lambda f: torch.save(obj, f))
     except (OSError, RuntimeError) as e:  # RuntimeError: torch.save on a full disk
         warnings.warn(
             f"could not write the Omniglot cache {path} ({e}); the next load decodes again",
             stacklevel=3,
         )
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def load_omniglot(
@@ -614,6 +604,7 @@ def _fetch(url: str, dest: Path, expected_md5: str, progress: bool) -> None:
                 f"{dest.name} downloaded from {url} has MD5 {got}, expected {expected_md5}; the "
                 f"download is damaged or not the canonical file. It was deleted; try again."
             )
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 -> what the umask gives any new file
         os.replace(tmp, dest)
         tmp = None
     finally:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .batch import TaskBatch
+from .custom import TaskFamily, custom_family, is_import_path, registered_benchmarks
 from .regression import ProtocolError, RegressionFamily, Sinusoid, SinusoidLine
 
 
@@ -20,8 +21,9 @@ class TaskStream:
     :param seed: seed of the stream's own generator (independent of the global torch RNG).
     """
 
-    def __init__(self, family: RegressionFamily, meta_batch: int, shots: int, queries: int, seed: int):
-        if meta_batch < 1:
+    def __init__(self, family: RegressionFamily | TaskFamily, meta_batch: int, shots: int, queries: int,
+                 seed: int):
+        if not isinstance(meta_batch, int) or isinstance(meta_batch, bool) or meta_batch < 1:
             raise ProtocolError(f"meta_batch must be a positive integer, got {meta_batch!r}")
         family.check(shots, queries)
         self.family, self.meta_batch, self.shots, self.queries = family, meta_batch, shots, queries
@@ -48,12 +50,43 @@ class Benchmark:
     train: Any  # an endless iterator of TaskBatch with state_dict/load_state_dict (TaskStream, EpisodeSampler)
     val: TaskBatch
     test: TaskBatch
-    family: RegressionFamily | None  # regression benchmarks: the task family (for plots of the true function)
+    family: RegressionFamily | TaskFamily | None  # the task family (regression: plots of the true function)
     protocol: dict[str, Any]
+    classification: bool = False
 
     @property
     def is_classification(self) -> bool:
-        return self.name in CLASSIFICATION_BENCHMARKS
+        return self.classification
+
+
+class _BenchmarkNames(dict):
+    """The built-in benchmarks' descriptions, plus, read live, those registered in this process."""
+
+    def _all(self) -> dict[str, str]:
+        return {**dict(super().items()), **registered_benchmarks()}
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._all()
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __getitem__(self, name: str) -> str:
+        return self._all()[name]
+
+    def items(self):
+        return self._all().items()
+
+    def keys(self):
+        return self._all().keys()
+
+
+def is_known_benchmark(name: str) -> bool:
+    """A built-in, a registered name, or a ``module:attr`` import path."""
+    return name in BENCHMARKS or is_import_path(name)
 
 
 # Seeds of the fixed evaluation sets: part of the benchmark's definition, not of a run.
@@ -61,12 +94,14 @@ VAL_SEED = 1_000_003
 TEST_SEED = 2_000_003
 
 _FAMILIES = {"sinusoid": Sinusoid, "sinusoid_line": SinusoidLine}
-BENCHMARKS = {
+BUILTIN_BENCHMARKS = {
     "sinusoid": "MAML's sinusoid regression: A~U[0.1,5], phase~U[0,pi], x~U[-5,5], noiseless",
     "sinusoid_line": "PLATIPUS's ambiguous tasks: sinusoid or line, noise std 0.3",
     "omniglot": "N-way K-shot Omniglot, 28x28, rotations as classes; Vinyals split (or Lake's)",
 }
 CLASSIFICATION_BENCHMARKS = ("omniglot",)
+# every benchmark known in this process: the built-ins and those registered with register_benchmark
+BENCHMARKS = _BenchmarkNames(BUILTIN_BENCHMARKS)
 # which classes each part of an Omniglot split uses: train, validation, test
 _OMNIGLOT_PARTS = {"vinyals": ("train", "val", "test"), "lake": ("background", "evaluation", "evaluation")}
 
@@ -86,7 +121,9 @@ def get_benchmark(
 ) -> Benchmark:
     """Build a benchmark.
 
-    :param name: one of :data:`BENCHMARKS`.
+    :param name: one of :data:`BENCHMARKS`, a name registered with
+        :func:`~pyro_meta.tasks.register_benchmark`, or the import path ``"module:function"`` of a task
+        function (see :mod:`pyro_meta.tasks.custom`).
     :param shots: support points per task (per class for classification), train and evaluation.
     :param queries: query points per training task (per class); default ``shots`` (MAML draws 2K points
         and splits them K/K).
@@ -101,16 +138,17 @@ def get_benchmark(
     if name in CLASSIFICATION_BENCHMARKS:
         return _omniglot(shots, queries, meta_batch, eval_queries, num_val_tasks, num_test_tasks, seed,
                          ways or 5, data_root, split or "vinyals")
-    if name not in _FAMILIES:
-        raise ProtocolError(f"unknown benchmark {name!r}; known: {', '.join(sorted(_FAMILIES))}")
-    family = _FAMILIES[name]()
+    family = _FAMILIES[name]() if name in _FAMILIES else custom_family(name)
+    if family is None:
+        raise ProtocolError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}, or a task "
+                            "function's import path 'module:function'")
     queries = shots if queries is None else queries
     train = TaskStream(family, meta_batch, shots, queries, seed)
     val = family.fixed(num_val_tasks, shots, eval_queries, VAL_SEED)
     test = family.fixed(num_test_tasks, shots, eval_queries, TEST_SEED)
     protocol = {
         "benchmark": name,
-        "family": {k: v for k, v in asdict(family).items()},
+        "family": _describe_family(family),
         "shots": shots,
         "queries": queries,
         "meta_batch": meta_batch,
@@ -120,7 +158,18 @@ def get_benchmark(
         "val_seed": VAL_SEED,
         "test_seed": TEST_SEED,
     }
-    return Benchmark(name, train, val, test, family, protocol)
+    return Benchmark(name, train, val, test, family, protocol,
+                     classification=isinstance(family, TaskFamily) and family.kind == "classification")
+
+
+def _describe_family(family: RegressionFamily | TaskFamily) -> dict[str, Any]:
+    if isinstance(family, TaskFamily):
+        fn = family.make_tasks
+        where = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+        return {"kind": family.kind, "function": where, "description": family.description,
+                "x_shape": list(family.probe["x_shape"]), "y_dim": family.probe["y_dim"],
+                "ways": family.probe["ways"]}
+    return dict(asdict(family))
 
 
 def _omniglot(shots: int, queries: int | None, meta_batch: int, eval_queries: int, num_val_tasks: int,
@@ -146,4 +195,4 @@ def _omniglot(shots: int, queries: int | None, meta_batch: int, eval_queries: in
         "parts": {"train": train_part, "val": val_part, "test": test_part},
         "preprocessing": "inverted (ink = 1), resized 105 -> 28 with antialiasing, scaled to [0, 1]",
     }
-    return Benchmark("omniglot", train, val, test, None, protocol)
+    return Benchmark("omniglot", train, val, test, None, protocol, classification=True)

@@ -38,7 +38,9 @@ class RegressionFamily:
         """The noiseless task function. ``params`` values ``[T]``, ``x`` ``[T, N, 1]`` -> ``[T, N, 1]``."""
         raise NotImplementedError
 
-    def _x(self, n: int, m: int, g: torch.Generator) -> Tensor:
+    def draw_x(self, n: int, m: int, g: torch.Generator) -> Tensor:
+        """Inputs of ``n`` tasks, ``m`` points each, ``[n, m, 1]``: uniform on :attr:`x_range`. Override
+        it (and :meth:`draw_params`, :meth:`function`) for another input distribution."""
         lo, hi = self.x_range
         return lo + (hi - lo) * torch.rand(n, m, 1, generator=g)  # T N 1
 
@@ -57,7 +59,7 @@ class RegressionFamily:
         """Fresh training tasks: ``num_tasks`` tasks of ``shots`` support and ``queries`` query points."""
         self.check(shots, queries)
         params = self.draw_params(num_tasks, g)
-        x = self._x(num_tasks, shots + queries, g)
+        x = self.draw_x(num_tasks, shots + queries, g)
         y = self._y(params, x, g)
         return TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:], params)
 
@@ -71,9 +73,9 @@ class RegressionFamily:
             )
         g = torch.Generator().manual_seed(seed)
         params = self.draw_params(num_tasks, g)
-        xs = self._x(num_tasks, self.pool_size, g)
+        xs = self.draw_x(num_tasks, self.pool_size, g)
         ys = self._y(params, xs, g)
-        xq = self._x(num_tasks, queries, g)
+        xq = self.draw_x(num_tasks, queries, g)
         yq = self._y(params, xq, g)
         return TaskBatch(xs[:, :shots], ys[:, :shots], xq, yq, params)
 
