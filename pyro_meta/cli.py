@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale the demo's step budget")
     p.add_argument("--test-tasks", type=int, default=600, help="fixed test tasks to evaluate on (600)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the policy's, 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     return parser
@@ -205,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for method, steps in DEMO_STEPS.items():
         cfg = resolve(RunConfig(benchmark="sinusoid", method=method, shots=5, device=args.device,
                                 steps=max(1, int(steps * args.steps_scale)), log_every=50,
-                                checkpoint_every=500, num_test_tasks=args.test_tasks))
+                                checkpoint_every=500, num_test_tasks=args.test_tasks, threads=args.threads))
         out = args.out / method
         if (out / "checkpoint.pt").exists():  # continue an interrupted demo; a different run is refused
             out, _ = train_run(cfg, out, resume=True, progress=not args.no_progress, overrides=cfg.to_dict())

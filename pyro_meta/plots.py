@@ -62,7 +62,9 @@ def plot_regression_tasks(learners: Sequence[tuple[str, MetaLearner, int]], batc
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
     grid = torch.linspace(*family.x_range, 200)[None, :, None].expand(len(tasks), 200, 1)
-    truth = family.function({k: v.cpu() for k, v in sub.info.items()}, grid)[..., 0] if sub.info else None
+    has_truth = getattr(family, "truth", True) is not None  # a TaskFamily may have no truth function
+    truth = family.function({k: v.cpu() for k, v in sub.info.items()}, grid)[..., 0] \
+        if sub.info and has_truth else None
     bands = [(label, predictive_bands(lr, sub, family.x_range, s, seed)) for label, lr, s in learners]
     for j, ax in enumerate(axes[0]):
         if truth is not None:
@@ -111,7 +113,7 @@ def _loss_scale(finite: np.ndarray) -> tuple[str, float]:
 
 
 def _short_number(v: float, _pos: Any = None) -> str:
-    return f"{v:g}"
+    return f"{v:g}".replace("-", "\N{MINUS SIGN}")
 
 
 def _training_curve_figure(rows: Sequence[Mapping[str, Any]], title: str = "") -> plt.Figure:
@@ -154,7 +156,7 @@ def _training_curve_figure(rows: Sequence[Mapping[str, Any]], title: str = "") -
     ax.grid(alpha=0.3, which="major")
     ax.set_title(title or "meta-training loss", fontsize=10)
     if many or not ok.all():
-        ax.legend(fontsize=7, loc="best")
+        fig.legend(fontsize=8, loc="outside lower center", ncols=3, frameon=False)
     return fig
 
 

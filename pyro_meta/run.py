@@ -197,11 +197,13 @@ def finalize(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark)
         plot_reliability(m["reliability"], run_dir / "plots" / "reliability.png",
                          title=f"{cfg.method}, Omniglot {cfg.ways}-way {cfg.shots}-shot: accuracy "
                                f"{m['accuracy']['mean']:.3f}, ECE {m['ece']['value']:.3f}")
-    else:
+    elif getattr(bm.family, "x_range", None) is not None and bm.test.x_support.shape[2:] == (1,) \
+            and bm.test.y_support.shape[-1] == 1:  # predictive bands: 1-D inputs and outputs only
         plot_regression_tasks([(cfg.method, learner, max(cfg.eval_samples, 1))], bm.test.to(cfg.device),
                               bm.family, run_dir / "plots" / "predictive.png", seed=cfg.seed)
     if (run_dir / METRICS).exists():
-        plot_training_curve(run_dir / METRICS, run_dir / "plots" / "training_loss.png")
+        plot_training_curve(run_dir / METRICS, run_dir / "plots" / "training_loss.png",
+                            title=f"{cfg.method} on {cfg.benchmark}, {cfg.shots}-shot: meta-training loss")
     return report
 
 

@@ -42,7 +42,10 @@ def setup(request):
 
 def test_groups(setup):
     method, _, _, idata = setup
-    assert set(idata.groups()) == {"posterior", "posterior_predictive", "log_likelihood", "observed_data",
+    # log_likelihood: the support points the posterior conditioned on (ABML's model observes them; MAML's
+    # scores the query set only); the query points' log-likelihoods are a held-out group of their own
+    support = {"log_likelihood"} if method == "abml" else set()
+    assert set(idata.groups()) == support | {"posterior", "posterior_predictive", "heldout_log_likelihood", "observed_data",
                                    "constant_data"}
     assert idata.attrs["learner"] == method
 
@@ -78,10 +81,13 @@ def test_posterior_draws(setup):
 
 
 def test_data_groups(setup):
-    _, _, batch, idata = setup
-    for group in (idata.posterior_predictive, idata.log_likelihood):
+    method, _, batch, idata = setup
+    for group in (idata.posterior_predictive, idata.heldout_log_likelihood):
         assert group["y_query"].dims == ("chain", "draw", "task", "query")
         assert group["y_query"].shape == (1, NUM_SAMPLES, NUM_TASKS, NUM_QUERY)
+    if method == "abml":
+        assert idata.log_likelihood["y_support"].dims == ("chain", "draw", "task", "support")
+        assert idata.log_likelihood["y_support"].shape == (1, NUM_SAMPLES, NUM_TASKS, SHOTS)
     obs = idata.observed_data["y_query"]
     assert obs.dims == ("task", "query")
     assert_close(obs.values, batch.y_query[..., 0], rtol=0, atol=0)
@@ -98,7 +104,9 @@ def test_data_groups(setup):
 def test_log_likelihood_equals_the_evaluators(setup):
     _, learner, batch, idata = setup
     pred = predict(learner, batch, NUM_SAMPLES, seed=0)
-    assert_close(idata.log_likelihood["y_query"].values[0], pred.log_lik, rtol=0, atol=0)
+    assert_close(idata.heldout_log_likelihood["y_query"].values[0], pred.log_lik, rtol=0, atol=0)
+    if pred.support_log_lik is not None:
+        assert_close(idata.log_likelihood["y_support"].values[0], pred.support_log_lik, rtol=0, atol=0)
     assert_close(idata.posterior["phi"].values[0], pred.latents["phi"], rtol=0, atol=0)
 
 
@@ -110,7 +118,7 @@ def test_log_likelihood_is_per_point_log_density_of_the_draws(setup):
     f = learner.model.net(phi, batch.x_query)  # S T Q 1
     sigma = learner.model.likelihood.noise_std.detach()
     expected = torch.distributions.Normal(f, sigma).log_prob(batch.y_query)[..., 0]
-    assert_close(idata.log_likelihood["y_query"].values[0], expected, rtol=1e-5, atol=1e-5)
+    assert_close(idata.heldout_log_likelihood["y_query"].values[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_netcdf_round_trip_summary_and_loo(setup, tmp_path):
@@ -135,10 +143,13 @@ def test_netcdf_round_trip_summary_and_loo(setup, tmp_path):
     assert_close(summary.loc["phi[1, b1[0]]", "mean"], float(back.posterior["phi"].values[0, :, 1, -1].mean()),
                  rtol=0, atol=1e-3)  # az.summary rounds to 3 decimals
 
+    if method == "maml":  # its model conditions on no observation: nothing for PSIS-LOO to leave out
+        assert "log_likelihood" not in back.groups()
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a few draws give high Pareto k; the numbers are not checked
         loo = az.loo(back)
-    assert loo.n_data_points == NUM_TASKS * NUM_QUERY
+    assert loo.n_data_points == NUM_TASKS * SHOTS  # over the support points, never the held-out query
     assert np.isfinite(loo.elpd_loo)
 
 

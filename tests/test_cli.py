@@ -117,7 +117,9 @@ def test_train_writes_a_complete_run(trained):
 
     idata = az.from_netcdf(str(out / "posterior.nc"))
     assert idata.posterior["phi"].shape == (1, EVAL_SAMPLES[method], 4, 25)
-    assert idata.log_likelihood["y_query"].shape == (1, EVAL_SAMPLES[method], 4, 10)
+    assert idata.heldout_log_likelihood["y_query"].shape == (1, EVAL_SAMPLES[method], 4, 10)
+    lpd = report["metrics"]["heldout_lpd"]
+    assert lpd["tasks"] == 4 and lpd["points"] == 40 and math.isfinite(lpd["total"])
 
     for png in ("predictive.png", "training_loss.png"):
         assert_png(out / "plots" / png)
@@ -143,9 +145,10 @@ def test_inspect(trained):
     assert "tasks exported: 4" in r.stdout
     assert "phi on test task 0 (first 3 weights)" in r.stdout
     assert "w0[0,0]" in r.stdout and "w0[2,0]" in r.stdout and "w0[3,0]" not in r.stdout
-    assert "PSIS-LOO" in r.stdout
-    if method == "abml":
-        assert "PSIS-LOO over 40 query points" in r.stdout
+    assert "held-out log predictive density of the query sets" in r.stdout
+    assert "PSIS-LOO" in r.stdout and "query points" not in r.stdout.split("PSIS-LOO", 1)[1].split("\n")[0]
+    if method == "abml":  # over the 4 tasks x 5 support points it conditioned on, never the query
+        assert "PSIS-LOO over the 20 support points the posterior conditioned on" in r.stdout
     assert_png(out / "plots" / "posterior.png")
     assert_png(out / "plots" / "ppc.png")
     assert all(p.read_bytes() == b for p, b in kept.items())
@@ -157,7 +160,7 @@ def test_inspect_explains_why_loo_is_unavailable(tmp_path):
     out = tmp_path / "run"
     train_run(RunConfig(method="maml", steps=2, meta_batch=2, **TINY), out, progress=False)
     loo_line = next(line for line in inspect_run(out).splitlines() if "PSIS-LOO" in line)
-    assert "out of bounds" not in loo_line and "draw" in loo_line, loo_line
+    assert "out of bounds" not in loo_line and "does not observe the support set" in loo_line, loo_line
 
 
 def test_resume_with_more_steps(trained, tmp_path):

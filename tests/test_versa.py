@@ -203,5 +203,6 @@ def test_classification_evaluation_and_export():
     assert idata.posterior["psi"].dims == ("chain", "draw", "task", "class", "psi_dim")
     assert list(idata.posterior["psi_dim"].values[-2:]) == ["w[7]", "b"]
     assert idata.posterior_predictive["y_query"].dims == ("chain", "draw", "task", "query")
-    assert_close(idata.log_likelihood["y_query"].values[0], pred.log_lik, rtol=0, atol=0)
+    assert_close(idata.heldout_log_likelihood["y_query"].values[0], pred.log_lik, rtol=0, atol=0)
+    assert "log_likelihood" not in idata.groups()  # VERSA's model observes no support point
     assert (idata.observed_data["y_query"].values == batch.y_query.numpy()).all()

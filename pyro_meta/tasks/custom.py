@@ -70,6 +70,8 @@ class TaskFamily:
                             f"{type(self.make_tasks).__name__}")
         if not self.probe:
             self.probe.update(self.check_function())
+        if self.x_range is None and "x_range" in self.probe:
+            object.__setattr__(self, "x_range", self.probe["x_range"])  # what the plots draw over
 
     # ---------------------------------------------------------------- the contract, checked
     def _call(self, num_tasks: int, shots: int, queries: int, g: torch.Generator) -> TaskBatch:
@@ -115,10 +117,6 @@ class TaskFamily:
     @property
     def kind(self) -> str:
         return self.probe["kind"]
-
-    @property
-    def plot_range(self) -> tuple[float, float] | None:
-        return self.x_range or self.probe.get("x_range")
 
     def check(self, shots: int, queries: int) -> None:
         for what, v in (("shots", shots), ("queries", queries)):
@@ -166,10 +164,23 @@ def register_benchmark(name: str, make_tasks: TaskFn | TaskFamily, description: 
         raise ValueError(f"{name!r} is a built-in benchmark; register yours under another name")
     if name in _REGISTRY and not replace:
         raise ValueError(f"benchmark {name!r} is already registered; pass replace=True to replace it")
-    family = make_tasks if isinstance(make_tasks, TaskFamily) else TaskFamily(
-        make_tasks, name=name, description=description or _first_line(make_tasks), x_range=x_range, truth=truth)
+    family = make_tasks if isinstance(make_tasks, TaskFamily) else _as_family(
+        make_tasks, name, description, x_range, truth)
     _REGISTRY[name] = family
     return family
+
+
+def _as_family(obj: Any, name: str, description: str = "", x_range: tuple[float, float] | None = None,
+               truth: Callable | None = None) -> TaskFamily:
+    """A function, or a family object with ``sample(num_tasks, shots, queries, generator)`` (such as a
+    :class:`~pyro_meta.tasks.RegressionFamily` subclass instance), as a :class:`TaskFamily`."""
+    if not callable(obj) and hasattr(obj, "sample"):
+        fn = getattr(obj, "function", None)
+        return TaskFamily(obj.sample, name=name, description=description or _first_line(obj),
+                          x_range=x_range or getattr(obj, "x_range", None),
+                          truth=truth or (fn if callable(fn) else None))
+    return TaskFamily(obj, name=name, description=description or _first_line(obj),
+                      x_range=x_range or getattr(obj, "x_range", None), truth=truth or getattr(obj, "truth", None))
 
 
 def unregister_benchmark(name: str) -> None:
@@ -210,11 +221,10 @@ def custom_family(name: str) -> TaskFamily | None:
                                                          obj.truth, dict(obj.probe))
     if inspect.isclass(obj):
         obj = obj()
-    if not callable(obj):
+    if not callable(obj) and not hasattr(obj, "sample"):
         raise ProtocolError(f"benchmark {name!r}: {attr!r} is a {type(obj).__name__}, not a task function "
                             "make_tasks(num_tasks, shots, queries, generator) -> TaskBatch")
-    return TaskFamily(obj, name=name, description=_first_line(obj), x_range=getattr(obj, "x_range", None),
-                      truth=getattr(obj, "truth", None))
+    return _as_family(obj, name)
 
 
 def _first_line(obj: Any) -> str:
