@@ -63,6 +63,7 @@ def run_job(cfg: dict[str, Any], out: str, minutes: float | None, threads: int) 
 
     torch.set_num_threads(threads)
     cfg = dict(cfg)
+    cfg.setdefault("threads", threads)  # recorded in config.json and applied by train_run
     paper_steps = cfg.pop("paper_steps")
     out_p = Path(out)
     t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from .evaluate import evaluate, per_task_weights, predict
 from .io import atomic_write_json
 from .learner import MetaLearner
 from .methods import build_learner, protocol_of, resolve
+from .metrics import Z95
 from .plots import plot_regression_tasks, plot_reliability, plot_training_curve
 from .schedule import normalize_schedule
 from .tasks import Benchmark, get_benchmark
@@ -212,26 +213,35 @@ def format_metrics_table(reports: list[dict[str, Any]]) -> str:
     if reports and "accuracy" in reports[0]["metrics"]:
         return _format_classification(reports)
     cols = ("mse", "nll", "coverage50", "coverage90")
-    head = f"{'method':<8} {'shots':>5} " + " ".join(f"{c:>17}" for c in cols)
+    head = f"{'method':<8} {'shots':>5} " + " ".join(f"{c:>17}" for c in cols) + f" {'heldout lpd/point':>17}"
     lines = [head, "-" * len(head)]
     for r in reports:
         m = r["metrics"]
-        cells = " ".join(f"{m[c]['mean']:>9.3f} +-{m[c]['ci95']:>6.3f}" for c in cols)
+        cells = " ".join(f"{m[c]['mean']:>9.3f} +-{m[c]['ci95']:>6.3f}" for c in cols) + _lpd_cell(m)
         bad = m.get("nonfinite_tasks", {}).get("count", 0)
         lines.append(f"{r['method']:<8} {r['shots']:>5} {cells}" + (f"  ({bad} diverged tasks left out)" if bad else ""))
     return "\n".join(lines)
 
 
+def _lpd_cell(m: dict[str, Any]) -> str:
+    """The held-out log predictive density per query point, +- 95% CI over tasks (blank if absent)."""
+    h = m.get("heldout_lpd")
+    if not h:
+        return f" {'':>17}"
+    ci = Z95 * h["per_point_se"] if h.get("per_point_se") is not None else float("nan")
+    return f" {h['per_point']:>9.3f} +-{ci:>6.3f}"
+
+
 def _format_classification(reports: list[dict[str, Any]]) -> str:
     head = (f"{'method':<8} {'ways':>4} {'shots':>5} {'accuracy':>17} {'nll':>17} {'brier':>17} "
-            f"{'ECE':>6} {'MCE':>6}")
+            f"{'ECE':>6} {'MCE':>6} {'heldout lpd/point':>17}")
     lines = [head, "-" * len(head)]
     for r in reports:
         m = r["metrics"]
         cells = " ".join(f"{m[c]['mean']:>9.4f} +-{m[c]['ci95']:>6.4f}" for c in ("accuracy", "nll", "brier"))
         bad = m.get("nonfinite_tasks", {}).get("count", 0)
         lines.append(f"{r['method']:<8} {r.get('ways', ''):>4} {r['shots']:>5} {cells} {m['ece']['value']:>6.4f} "
-                     f"{m['mce']['value']:>6.4f}" + (f"  ({bad} diverged tasks left out)" if bad else ""))
+                     f"{m['mce']['value']:>6.4f}" + _lpd_cell(m) + (f"  ({bad} diverged tasks left out)" if bad else ""))
     return "\n".join(lines)
 
 

@@ -193,7 +193,7 @@ def test_demo_with_a_small_budget(tmp_path):
     rows = _demo_table(r.stdout)
     assert set(rows) == {"maml", "abml"}, r.stdout
     for cells in rows.values():
-        assert len(re.findall(r"[-\d.]+ \+-\s*[\d.]+", cells)) == 4
+        assert len(re.findall(r"[-\d.]+ \+-\s*[\d.]+", cells)) == 5  # mse, nll, coverage50, coverage90, held-out lpd per point
     assert "20 fixed test tasks" in r.stdout and "demo finished" in r.stdout
     assert_png(out / "maml_vs_abml.png")
     # DEMO_STEPS scaled by 0.005: maml 3000 -> 15, abml 2000 -> 10

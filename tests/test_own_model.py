@@ -253,3 +253,34 @@ def test_check_costs_one_step_not_one_per_step(monkeypatch):
     model = LinearModel()
     fit(MetaLearner(model, ExactGuide(model)), [_batch()], steps=5, progress=False)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("method", ["maml", "abml", "versa"])
+def test_builtin_guides_do_not_read_query_labels(method):
+    """The same seed and a batch whose query labels are replaced give the same guide draws and the same
+    evaluation: no built-in method's guide reads y_query (checked here for each)."""
+    from pyro_meta.config import RunConfig
+    from pyro_meta.methods import build_learner, resolve
+
+    if method == "versa":
+        from test_versa import _batch as versa_batch
+        from test_versa import _versa
+
+        model, guide = _versa()
+        learner, batch = MetaLearner(model, guide, name="versa"), versa_batch()
+        poisoned = TaskBatch(batch.x_support, batch.y_support, batch.x_query, (batch.y_query + 1) % 4)
+    else:
+        learner = build_learner(resolve(RunConfig(method=method, hidden=[8])))
+        batch = linear_tasks(5, 5, 7, torch.Generator().manual_seed(0))
+        poisoned = TaskBatch(batch.x_support, batch.y_support, batch.x_query, batch.y_query + 100.0)
+    traces = []
+    for b in (batch, poisoned):
+        pyro.set_rng_seed(0)
+        with torch.no_grad():
+            traces.append(pyro.poutine.trace(learner.guide).get_trace(b))
+    for name, site in traces[0].nodes.items():
+        if site["type"] == "sample":
+            assert torch.equal(site["value"], traces[1].nodes[name]["value"]), name
+    honest = predict(learner, batch, 5, seed=0)
+    blind = predict(learner, poisoned, 5, seed=0)
+    assert torch.equal(honest.mean, blind.mean)
