@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -13,8 +15,9 @@ from typing import Any
 from .config import ConfigError, RunConfig
 from .evaluate import LeakError
 from .methods import METHODS, resolve
+from .rundir import RunLockedError
 from .tasks import BENCHMARKS, ProtocolError, TaskBatchError
-from .train import CheckpointError, NonFiniteError, TaskSourceExhausted
+from .train import CheckpointError, NonFiniteError, TaskSourceExhausted, Terminated
 
 # CLI flag -> RunConfig field (only the flags a user gave are applied, so --resume can tell them apart)
 TRAIN_FLAGS = {
@@ -24,6 +27,7 @@ TRAIN_FLAGS = {
     "ways": "ways", "queries": "queries", "eval_queries": "eval_queries", "data_root": "data_root",
     "split": "split", "test_tasks": "num_test_tasks", "eval_samples": "eval_samples",
     "batch_norm": "batch_norm", "objective": "objective", "threads": "threads",
+    "checkpoint_every": "checkpoint_every", "checkpoint_minutes": "checkpoint_minutes", "skip_limit": "skip_limit",
 }
 # CLI flag -> key of the lr_schedule object (pyro_meta.schedule)
 SCHEDULE_FLAGS = {"lr_schedule": "name", "lr_warmup": "warmup_steps", "lr_gamma": "gamma", "lr_every": "every",
@@ -79,6 +83,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="drop second-order terms of the meta-gradient")
     p.add_argument("--skip-nonfinite", dest="skip_nonfinite", action="store_true", default=S,
                    help="skip meta-batches whose loss or gradient is NaN/inf instead of stopping")
+    p.add_argument("--skip-limit", dest="skip_limit", type=float, default=S,
+                   help="with --skip-nonfinite: stop once more steps were skipped than this: a count (>= 1) or a "
+                        "fraction of the steps done (< 1; default 0.1)")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=S,
+                   help="checkpoint every N steps (default 1000) ...")
+    p.add_argument("--checkpoint-minutes", dest="checkpoint_minutes", type=float, default=S,
+                   help="... and whenever this many minutes have passed since the last one (default 10)")
     p.add_argument("--device", default=S, help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--seed", type=int, default=S, help="seed of initialization and training tasks (0)")
     p.add_argument("--config", type=Path, help="JSON file of RunConfig settings (flags override it)")
@@ -230,18 +241,48 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "inspect": cmd_inspect
             "download": cmd_download, "demo": cmd_demo}
 
 
+def describe_os_error(e: OSError) -> str:
+    """One line: what failed, on which path, and why (``could not write '/x/y': No space left on device``)."""
+    what = e.strerror or str(e)
+    if e.filename is not None:
+        where = f"{e.filename!r}" + (f" -> {e.filename2!r}" if e.filename2 is not None else "")
+        return f"{where}: {what}"
+    return what
+
+
+def _raise_terminated(signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The CLI's one error boundary: every expected failure is one line on stderr and exit code 2;
+    Ctrl-C exits 130 and SIGTERM 143, after the checkpoint training writes on the way out."""
     args = build_parser().parse_args(argv)
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _raise_terminated)  # outside training too: clean exit
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, CheckpointError, ProtocolError, TaskBatchError, NonFiniteError, FloatingPointError,
-            ValueError, LeakError, TaskSourceExhausted) as e:
+            ValueError, LeakError, TaskSourceExhausted, RunLockedError) as e:
         print(f"pyro-meta {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is on disk: continue with `pyro-meta train --resume DIR`",
-              file=sys.stderr)
-        return 130
+    except OSError as e:
+        print(f"pyro-meta {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        ckpt = getattr(e, "checkpoint", None)
+        if ckpt is not None:
+            msg = (f"{what} at step {e.step}; checkpoint written to {ckpt}: continue with "
+                   f"`pyro-meta train --resume {ckpt.parent}`")
+        else:
+            msg = f"{what}; this command wrote no new checkpoint"
+        print(msg, file=sys.stderr)
+        return Terminated.exit_code if isinstance(e, Terminated) else 130
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":

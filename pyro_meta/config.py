@@ -69,7 +69,9 @@ class RunConfig:
     threads: int | None = None  # torch intra-op threads; None: by network size (pyro_meta.threads)
     log_every: int = 50
     checkpoint_every: int = 1000
+    checkpoint_minutes: float | None = 10.0  # also checkpoint when this many minutes have passed; None: off
     skip_nonfinite: bool = False
+    skip_limit: float = 0.1  # with skip_nonfinite: stop past this many skipped steps (>= 1) or this fraction
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +145,8 @@ class RunConfig:
             except ScheduleError as e:
                 raise ConfigError(f"{source}: {e}") from None
         pos_float("grad_clip")
+        pos_float("checkpoint_minutes", allow_none=True)
+        pos_float("skip_limit")
         for name in ("meta_lr", "inner_lr", "noise_std", "prior_init_std"):
             pos_float(name, allow_none=True)
         for name in ("kl_weight_inner", "kl_weight_outer"):

@@ -15,6 +15,7 @@ What the numbers mean:
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .arviz import HELDOUT_GROUP
 from .metrics import heldout_lpd
 from .plots import plot_posterior_weights, plot_ppc
 from .run import POSTERIOR, export_run, load_run
+from .rundir import RunLock, clean_temp_files
 
 
 def heldout_summary(idata: az.InferenceData) -> str:
@@ -64,13 +66,33 @@ def inspect_run(run_dir: str | Path, max_weights: int = 8) -> str:
     """Print-ready summary of ``run_dir``'s ``posterior.nc`` (rebuilt from the checkpoint if absent);
     writes ``plots/posterior.png`` and ``plots/ppc.png``."""
     run_dir = Path(run_dir)
+    with RunLock(run_dir, "inspect"):
+        clean_temp_files(run_dir)
+        return _inspect_locked(run_dir, max_weights)
+
+
+def _read_posterior(run_dir: Path) -> az.InferenceData:
+    """``posterior.nc``, rebuilt from the checkpoint when it is absent or damaged."""
     path = run_dir / POSTERIOR
-    if not path.exists():
-        cfg, learner, bm = load_run(run_dir)
-        export_run(run_dir, cfg, learner, bm)
+    if path.exists():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                idata = az.from_netcdf(str(path))
+                idata.posterior.load()
+            return idata
+        except Exception as e:  # noqa: BLE001 - any read failure: the file is damaged; rebuild it
+            print(f"warning: {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); rebuilding it "
+                  "from the checkpoint", file=sys.stderr, flush=True)
+    cfg, learner, bm = load_run(run_dir)
+    export_run(run_dir, cfg, learner, bm)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        idata = az.from_netcdf(str(path))
+        return az.from_netcdf(str(path))
+
+
+def _inspect_locked(run_dir: Path, max_weights: int) -> str:
+    idata = _read_posterior(run_dir)
     post = idata.posterior
     lines = [f"run: {run_dir}", f"posterior draws: {post.sizes['draw']} (independent guide draws, 1 chain); "
              f"tasks exported: {post.sizes.get('task', 0)}"]

@@ -6,9 +6,12 @@ atomically), ``metrics.jsonl``, ``eval.json``, ``posterior.nc`` and ``plots/``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
+import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from .learner import MetaLearner
 from .methods import build_learner, protocol_of, resolve
 from .metrics import Z95
 from .plots import plot_regression_tasks, plot_reliability, plot_training_curve
+from .rundir import RunLock, clean_temp_files
 from .schedule import normalize_schedule
 from .tasks import Benchmark, get_benchmark
 from .threads import apply_threads
@@ -33,13 +37,16 @@ CONFIG = "config.json"
 EVAL = "eval.json"
 POSTERIOR = "posterior.nc"
 # Settings that may change when a run is resumed: they do not change what is computed.
-RESUMABLE = ("steps", "device", "log_every", "checkpoint_every", "skip_nonfinite", "data_root", "threads",
+RESUMABLE = ("steps", "device", "log_every", "checkpoint_every", "checkpoint_minutes", "skip_nonfinite",
+             "skip_limit", "data_root", "threads",
              # the rates: a change applies from the resumed step on and is recorded in metrics.jsonl
              "meta_lr", "lr_schedule")
 # posterior.nc holds the first few test tasks: all 600 would be hundreds of MB of weight draws.
 EXPORT_TASKS = 20
 # ... and at most this many per-task weight values (draws x tasks x weights): conv4 has ~1e5 weights.
 EXPORT_VALUES = 5_000_000
+# free space kept beyond twice the export's size before posterior.nc is written
+NETCDF_MARGIN = 16 * 2**20
 
 
 def benchmark_of(cfg: RunConfig) -> Benchmark:
@@ -82,57 +89,103 @@ def read_config(run_dir: str | Path) -> RunConfig:
     return resolve(RunConfig.load(run_dir / CONFIG))
 
 
+def is_startup_leftover(run_dir: Path) -> bool:
+    """A folder a run started in but left before its step-0 checkpoint: ``config.json``, and neither a
+    ``checkpoint.pt`` nor a training log (a run that logged a step and lost its checkpoint is not a
+    leftover: that is a damaged run). Nothing in it has value; a fresh start (or ``--resume``) may
+    reuse it."""
+    log = run_dir / METRICS
+    return (run_dir / CONFIG).is_file() and not (run_dir / CHECKPOINT).exists() and (
+        not log.exists() or log.stat().st_size == 0)
+
+
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True,
               stop_after: int | None = None, finalize_run: bool = True,
               overrides: dict[str, Any] | None = None) -> tuple[Path, FitResult]:
     """Meta-train ``cfg`` into the run directory ``out``; evaluate, export and plot at the end.
 
+    The folder is locked for the whole call (:class:`~pyro_meta.rundir.RunLock`): a second writer is
+    refused, naming this one. A folder left before its first checkpoint (:func:`is_startup_leftover`)
+    is reused by a fresh start, and ``--resume`` starts it from step 0 with its saved config.
+
     :param resume: continue ``out`` from its checkpoint. ``cfg`` is then read from ``out/config.json``
         and ``overrides`` may change only :data:`RESUMABLE` settings; any other difference is an error.
+        A stale ``eval.json`` is removed (the finished run writes a new one).
     :param stop_after: stop after this many steps (checkpointed), as an interruption would.
     """
     out = Path(out)
-    if resume:
-        saved = read_config(out)
-        done = load_checkpoint(out / CHECKPOINT)["step"]  # missing/corrupted: fails here, nothing touched
-        overrides = dict(overrides or {})
-        if overrides.get("steps") is not None and overrides["steps"] < done:
-            raise ConfigError(f"cannot resume {str(out)!r} with steps={overrides['steps']}: the run has "
-                              f"already done {done} steps")
-        clash = {k: (getattr(saved, k), v) for k, v in overrides.items()
-                 if k not in RESUMABLE and k in saved.to_dict() and getattr(saved, k) != v}
-        if clash:
-            parts = "; ".join(f"{k}: run has {a!r}, given {b!r}" for k, (a, b) in sorted(clash.items()))
-            raise ConfigError(f"cannot resume {str(out)!r} with a different config ({parts}); start a new "
-                              f"run with another --out instead")
-        partial = overrides.pop("lr_schedule", None)
-        cfg = replace(saved, **{k: v for k, v in overrides.items() if k in RESUMABLE})
-        if partial is not None:
-            # settings given on resume, over the run's own schedule unless they name another one
-            old = saved.lr_schedule or {"name": "constant"}
-            same = "name" not in partial or partial["name"] == old.get("name")
-            merged = {**old, **partial} if same else dict(partial)
-            cfg = replace(cfg, lr_schedule=normalize_schedule(merged, cfg.steps))
-    else:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{str(out)!r} is a file, not a run directory; choose another --out")
+    if resume and not (out / CONFIG).is_file():
+        raise ConfigError(f"{str(out)!r} is not a run directory: it has no {CONFIG}")
+    bm = None
+    if not resume:  # every setting checked before the folder is touched
         cfg = resolve(cfg)
-        if (out / CHECKPOINT).exists() or (out / CONFIG).exists():
+        resolve_device(cfg.device)
+        bm = benchmark_of(cfg)
+    with RunLock(out, "train"):
+        clean_temp_files(out)
+        if is_startup_leftover(out):
+            if resume:
+                _note(f"{out} never reached its first checkpoint (the run stopped while starting): starting it "
+                      "from step 0 with its saved config")
+                cfg, resume, bm = _resumed_config(out, None, overrides), False, None
+            else:
+                _note(f"{out} holds only a start-up leftover (a config.json without a checkpoint: that run "
+                      "stopped before its first step); reusing the folder")
+            for name in (CONFIG, METRICS, EVAL):
+                (out / name).unlink(missing_ok=True)
+        if resume:
+            done = load_checkpoint(out / CHECKPOINT)["step"]  # missing/corrupted: fails here, nothing touched
+            cfg = _resumed_config(out, done, overrides)
+            (out / EVAL).unlink(missing_ok=True)  # stale: it was of an earlier step
+        elif (out / CHECKPOINT).exists() or (out / CONFIG).exists():
             raise ConfigError(f"{str(out)!r} already holds a run; pass --resume to continue it, or choose "
                               f"another --out (nothing was overwritten)")
-    resolve_device(cfg.device)
-    apply_threads(cfg.threads)
-    bm = benchmark_of(cfg)
-    torch.manual_seed(cfg.seed)
-    learner = build_learner(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(out, cfg, bm)
-    result = fit(learner, bm.train, cfg.steps, meta_lr=cfg.meta_lr, grad_clip=cfg.grad_clip, out_dir=out,
-                 resume=resume, run_config=protocol_config(cfg), device=cfg.device,
-                 log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                 skip_nonfinite=cfg.skip_nonfinite, progress=progress, stop_after=stop_after,
-                 lr_schedule=cfg.lr_schedule)
-    if finalize_run and result.step >= cfg.steps:
-        finalize(out, cfg, learner, bm)
+        resolve_device(cfg.device)
+        apply_threads(cfg.threads)
+        bm = bm if bm is not None and not resume else benchmark_of(cfg)
+        torch.manual_seed(cfg.seed)
+        learner = build_learner(cfg)
+        write_config(out, cfg, bm)
+        result = fit(learner, bm.train, cfg.steps, meta_lr=cfg.meta_lr, grad_clip=cfg.grad_clip, out_dir=out,
+                     resume=resume, run_config=protocol_config(cfg), device=cfg.device,
+                     log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                     checkpoint_minutes=cfg.checkpoint_minutes, skip_nonfinite=cfg.skip_nonfinite,
+                     skip_limit=cfg.skip_limit, progress=progress, stop_after=stop_after,
+                     lr_schedule=cfg.lr_schedule)
+        if finalize_run and result.step >= cfg.steps:
+            finalize(out, cfg, learner, bm)
     return out, result
+
+
+def _resumed_config(out: Path, done: int | None, overrides: dict[str, Any] | None) -> RunConfig:
+    """The run's saved config with ``overrides`` applied (only :data:`RESUMABLE` ones may differ)."""
+    saved = read_config(out)
+    overrides = dict(overrides or {})
+    if done is not None and overrides.get("steps") is not None and overrides["steps"] < done:
+        raise ConfigError(f"cannot resume {str(out)!r} with steps={overrides['steps']}: the run has "
+                          f"already done {done} steps")
+    clash = {k: (getattr(saved, k), v) for k, v in overrides.items()
+             if k not in RESUMABLE and k in saved.to_dict() and getattr(saved, k) != v}
+    if clash:
+        parts = "; ".join(f"{k}: run has {a!r}, given {b!r}" for k, (a, b) in sorted(clash.items()))
+        raise ConfigError(f"cannot resume {str(out)!r} with a different config ({parts}); start a new "
+                          f"run with another --out instead")
+    partial = overrides.pop("lr_schedule", None)
+    cfg = replace(saved, **{k: v for k, v in overrides.items() if k in RESUMABLE})
+    if partial is not None:
+        # settings given on resume, over the run's own schedule unless they name another one
+        old = saved.lr_schedule or {"name": "constant"}
+        same = "name" not in partial or partial["name"] == old.get("name")
+        merged = {**old, **partial} if same else dict(partial)
+        cfg = replace(cfg, lr_schedule=normalize_schedule(merged, cfg.steps))
+    cfg.check()
+    return cfg
 
 
 def load_run(run_dir: str | Path, device: str | None = None) -> tuple[RunConfig, MetaLearner, Benchmark]:
@@ -154,16 +207,28 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[RunConfig,
 
 def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, learner: MetaLearner | None = None,
                  bm: Benchmark | None = None) -> dict[str, Any]:
-    """Recompute ``eval.json`` on the benchmark's fixed test tasks."""
+    """Recompute ``eval.json`` on the benchmark's fixed test tasks. It records the checkpoint's step, the
+    run's ``steps`` and whether the run had ``finished`` (an evaluation of an interrupted run says so,
+    here and in the file)."""
     run_dir = Path(run_dir)
-    if learner is None:
-        cfg, learner, bm = load_run(run_dir)
-    assert cfg is not None and bm is not None
+    with RunLock(run_dir, "evaluate"):
+        clean_temp_files(run_dir)
+        if learner is None:
+            cfg, learner, bm = load_run(run_dir)
+        assert cfg is not None and bm is not None
+        return _evaluate_locked(run_dir, cfg, learner, bm)
+
+
+def _evaluate_locked(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark) -> dict[str, Any]:
     test = bm.test.to(cfg.device)
     metrics, _ = evaluate(learner, test, num_samples=cfg.eval_samples, seed=cfg.seed)
     ckpt_step = load_checkpoint(run_dir / CHECKPOINT)["step"] if (run_dir / CHECKPOINT).exists() else None
+    finished = ckpt_step is not None and ckpt_step >= cfg.steps
+    if not finished:
+        _note(f"warning: the run in {run_dir} stopped at step {ckpt_step} of {cfg.steps}: these are the metrics "
+              "of an unfinished run (eval.json says finished: false); `pyro-meta train --resume` finishes it")
     report = {"method": cfg.method, "benchmark": cfg.benchmark, "ways": cfg.ways, "shots": cfg.shots,
-              "step": ckpt_step,
+              "step": ckpt_step, "steps": cfg.steps, "finished": finished,
               "num_test_tasks": test.num_tasks, "eval_queries": cfg.eval_queries,
               "eval_samples": cfg.eval_samples, "inner_steps_eval": cfg.inner_steps_eval,
               "metrics": metrics}
@@ -183,10 +248,25 @@ def export_run(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmar
         samples = max(1, min(samples, EXPORT_VALUES // (sub.num_tasks * d)))
     pred = predict(learner, sub, samples, seed=cfg.seed)
     idata = to_inference_data(learner, sub, prediction=pred)
-    tmp = run_dir / f".{POSTERIOR}.tmp"
-    idata.to_netcdf(str(tmp))
-    os.replace(tmp, run_dir / POSTERIOR)
-    return run_dir / POSTERIOR
+    return write_netcdf(idata, run_dir / POSTERIOR)
+
+
+def write_netcdf(idata: Any, path: Path) -> Path:
+    """``idata`` to ``path`` via a temporary file and a rename. The netCDF/HDF5 library can crash the
+    process (a segmentation fault, seen here) when the disk fills while it writes, so the free space is
+    checked first: too little is an ``OSError`` (ENOSPC) naming the file, before anything is written."""
+    need = sum(v.nbytes for g in idata.groups() for v in idata[g].data_vars.values())
+    free = shutil.disk_usage(path.parent).free
+    if free < 2 * need + NETCDF_MARGIN:
+        raise OSError(errno.ENOSPC, f"not enough free disk space to write it: about {need / 2**20:.1f} MiB "
+                                    f"needed, {free / 2**20:.1f} MiB free", str(path))
+    tmp = path.parent / f".{path.name}.tmp"
+    try:
+        idata.to_netcdf(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def finalize(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark) -> dict[str, Any]:
@@ -245,13 +325,34 @@ def _format_classification(reports: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def finished_report(run_dir: Path, steps: int | None = None) -> dict[str, Any] | None:
+    """``eval.json`` of a run that finished (``steps`` of them, when given), else ``None``: an
+    ``eval.json`` of an unfinished run, or of fewer steps than asked for, does not count."""
+    try:
+        report = json.loads((run_dir / EVAL).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("step") is None:
+        return None
+    finished = report.get("finished")
+    if finished is None:  # an eval.json from before the flag: compare with the run's own steps
+        try:
+            finished = report["step"] >= json.loads((run_dir / CONFIG).read_text())["steps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    if not finished or (steps is not None and report["step"] < steps):
+        return None
+    return report
+
+
 def _run_one(cfg_dict: dict[str, Any], out: str) -> dict[str, Any]:
     """Worker of :func:`run_many`: one thread, skip finished runs, resume interrupted ones."""
     torch.set_num_threads(1)  # workers run side by side: one thread each, whatever the network
     cfg_dict = {**cfg_dict, "threads": cfg_dict.get("threads") or 1}
     out_p = Path(out)
-    if (out_p / EVAL).exists():
-        return json.loads((out_p / EVAL).read_text())
+    done = finished_report(out_p, cfg_dict.get("steps"))
+    if done is not None:
+        return done
     resume = (out_p / CHECKPOINT).exists()
     try:
         if resume:

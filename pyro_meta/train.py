@@ -17,28 +17,46 @@ import pyro
 import torch
 
 from .checks import check_learner
-from .io import atomic_write
 from .learner import MetaLearner
 from .progress import Progress
+from .rundir import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    RunLock,
+    clean_temp_files,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .schedule import lr_factor, normalize_schedule
 from .tasks import TaskBatch
 from .tasks.stream import as_task_source, is_resumable
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-CHECKPOINT_FORMAT = 1
+__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "METRICS", "CheckpointError", "FitResult", "NonFiniteError",
+           "TaskSourceExhausted", "Terminated", "fit", "load_checkpoint", "resolve_device"]
 
 
 class NonFiniteError(FloatingPointError):
     """A loss, gradient or parameter became NaN or inf during meta-training."""
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable, or from a different run."""
-
-
 class TaskSourceExhausted(RuntimeError):
     """The iterator of meta-batches given to ``fit`` ended before the last step."""
+
+
+class RunDirectoryGone(OSError):
+    """The run directory was removed while the run was writing into it."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``docker stop``, ``timeout``): handled like Ctrl-C; exit code 143."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,26 +73,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {name!r}")
     return dev
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically (:func:`pyro_meta.io.atomic_write`): a crash leaves either
-    the old file or the new one, never half of one; the file gets the umask's permissions."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {str(path)!r}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupted file
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupted or not a checkpoint ({type(e).__name__}: "
-                              f"{e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a pyro_meta checkpoint (format {CHECKPOINT_FORMAT})")
-    return ckpt
 
 
 @dataclass
@@ -115,26 +113,69 @@ def json_safe(x: Any) -> Any:
 
 
 class _DeferredInterrupt:
-    """Ctrl-C during a step is held until the step has finished, so the checkpoint written on
-    interruption is a step boundary; a second Ctrl-C interrupts at once."""
+    """Ctrl-C or SIGTERM during a step is held until the step has finished, so the checkpoint written
+    on interruption is a step boundary; a second signal during a step interrupts at once, and any
+    signal while a checkpoint is being written waits for the write to finish (:meth:`saving`)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._old = None
+        self.requested: int | None = None
+        self._saving = False
+        self._pending: int | None = None
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _DeferredInterrupt:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handler)
         return self
 
     def _handler(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self._saving:
+            self._pending = signum  # raised once the checkpoint is complete
+        elif self.requested is not None:
+            raise _interrupt(signum)
+        else:
+            self.requested = signum
+
+    def check(self) -> None:
+        if self.requested is not None:
+            raise _interrupt(self.requested)
+
+    def saving(self):  # noqa: ANN201 - a context manager
+        outer = self
+
+        class _Saving:
+            def __enter__(self) -> None:
+                outer._saving = True
+
+            def __exit__(self, *exc: object) -> None:
+                outer._saving = False
+                pending, outer._pending = outer._pending, None
+                if pending is not None and exc[0] is None:
+                    outer.requested = outer.requested or pending
+                    raise _interrupt(pending)
+
+        return _Saving()
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _SignalsIgnored:
+    """SIGINT and SIGTERM are ignored inside (main thread only)."""
+
+    def __enter__(self) -> None:
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in _DeferredInterrupt.SIGNALS:
+                self._old[sig] = signal.signal(sig, signal.SIG_IGN)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _all_finite(learner: MetaLearner) -> bool:
@@ -153,7 +194,9 @@ def fit(
     device: str = "cpu",
     log_every: int = 50,
     checkpoint_every: int = 1000,
+    checkpoint_minutes: float | None = 10.0,
     skip_nonfinite: bool = False,
+    skip_limit: float = 0.1,
     progress: bool = True,
     validate: bool = False,
     stop_after: int | None = None,
@@ -172,9 +215,16 @@ def fit(
         saved in the checkpoint; given different values on resume, they apply from the resumed step on
         and the change is recorded in ``metrics.jsonl`` (an ``"event": "lr_change"`` line).
     :param grad_clip: max global gradient norm (``None``: no clipping).
-    :param out_dir: where ``checkpoint.pt`` and ``metrics.jsonl`` go (``None``: no files).
+    :param out_dir: where ``checkpoint.pt`` and ``metrics.jsonl`` go (``None``: no files). It is locked
+        for the duration (:class:`pyro_meta.rundir.RunLock`): a second writer is refused.
     :param resume: continue from ``out_dir/checkpoint.pt``; its ``run_config`` must equal this one.
-    :param skip_nonfinite: skip a meta-batch whose loss or gradient is not finite, instead of stopping.
+    :param checkpoint_every: checkpoint every this many steps, and also
+    :param checkpoint_minutes: ... whenever this many minutes have passed since the last checkpoint
+        (``None``: steps only), so an interruption loses little whatever the step time.
+    :param skip_nonfinite: skip a meta-batch whose loss or gradient is not finite, instead of stopping;
+        each skip is a warning and a ``"skipped_nonfinite"`` line in ``metrics.jsonl``.
+    :param skip_limit: with ``skip_nonfinite``, stop (:class:`NonFiniteError`) once more steps were
+        skipped than this: a count if >= 1, else a fraction of the steps done (checked from step 20 on).
     :param validate: Pyro's distribution validation in every step (slower; off for training, on in tests).
     :param check_first_step: run :func:`pyro_meta.checks.check_learner` on the first meta-batch (Pyro's
         validation on, model/guide shapes, plates, the ``y_query`` site, a guide blind to query labels):
@@ -184,31 +234,58 @@ def fit(
     :raises NonFiniteError: a non-finite loss/gradient (unless skipped) or parameter; the message names
         the step, and the last checkpoint on disk is left as it was.
     :raises ModelCheckError: the first-step check found a miswired model or guide.
+    :raises KeyboardInterrupt: Ctrl-C or (:class:`Terminated`) SIGTERM, after a checkpoint at the last
+        step boundary; its ``checkpoint`` attribute is the file written (``None`` without ``out_dir``).
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
-    if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
-        raise ValueError(f"log_every must be a positive integer, got {log_every!r}")
-    if not (isinstance(meta_lr, (int, float)) and math.isfinite(meta_lr) and meta_lr > 0):
-        raise ValueError(f"meta_lr must be a positive finite number, got {meta_lr!r}")
+    _check_fit_args(steps, checkpoint_every, log_every, meta_lr, checkpoint_minutes, skip_limit)
+    if resume and out_dir is None:
+        raise ValueError("resume needs out_dir")
     schedule = normalize_schedule(lr_schedule, steps)
     tasks = as_task_source(tasks)
+    if out_dir is None:
+        return _fit(learner, tasks, steps, meta_lr, grad_clip, None, resume, run_config, device, log_every,
+                    checkpoint_every, checkpoint_minutes, skip_nonfinite, skip_limit, progress, validate,
+                    stop_after, schedule, check_first_step)
+    out = Path(out_dir)
+    with RunLock(out, "train"):
+        clean_temp_files(out)
+        return _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, device, log_every,
+                    checkpoint_every, checkpoint_minutes, skip_nonfinite, skip_limit, progress, validate,
+                    stop_after, schedule, check_first_step)
+
+
+def _positive_int(name: str, v: Any) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _check_fit_args(steps, checkpoint_every, log_every, meta_lr, checkpoint_minutes, skip_limit) -> None:  # noqa: ANN001
+    _positive_int("steps", steps)
+    _positive_int("checkpoint_every", checkpoint_every)
+    _positive_int("log_every", log_every)
+    if not (isinstance(meta_lr, (int, float)) and math.isfinite(meta_lr) and meta_lr > 0):
+        raise ValueError(f"meta_lr must be a positive finite number, got {meta_lr!r}")
+    if checkpoint_minutes is not None and not (isinstance(checkpoint_minutes, (int, float))
+                                               and math.isfinite(checkpoint_minutes) and checkpoint_minutes > 0):
+        raise ValueError(f"checkpoint_minutes must be a positive number or None, got {checkpoint_minutes!r}")
+    if not (isinstance(skip_limit, (int, float)) and math.isfinite(skip_limit) and skip_limit > 0):
+        raise ValueError(f"skip_limit must be a positive number (a count >= 1 or a fraction < 1), got {skip_limit!r}")
+
+
+def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, device, log_every,  # noqa: ANN001, ANN202, C901
+         checkpoint_every, checkpoint_minutes, skip_nonfinite, skip_limit, progress, validate, stop_after,
+         schedule, check_first_step):
     dev = resolve_device(device)
     learner.to(dev)
     params = [p for p in learner.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the learner has no trainable parameters")
     optimizer = torch.optim.Adam(params, lr=meta_lr)
-    out = Path(out_dir) if out_dir is not None else None
     step, skipped, elapsed = 0, 0, 0.0
     events: list[dict[str, Any]] = []
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     if resume:
-        if out is None:
-            raise ValueError("resume needs out_dir")
         if not is_resumable(tasks):
             raise CheckpointError(
                 f"cannot resume from a {type(tasks).__name__}: it has no state_dict/load_state_dict, so the "
@@ -218,8 +295,12 @@ def fit(
         if run_config is not None and ckpt.get("run_config") != run_config:
             diff = _diff(ckpt.get("run_config") or {}, run_config)
             raise CheckpointError(f"cannot resume {str(out)!r}: the config differs from the checkpoint's: {diff}")
-        learner.load_state_dict(ckpt["learner"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            learner.load_state_dict(ckpt["learner"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {str(out / CHECKPOINT)!r} does not fit this learner: "
+                                  f"{str(e).splitlines()[0]}") from None
         _set_rng_state(ckpt["rng"], tasks)
         step, skipped, elapsed = ckpt["step"], ckpt["skipped"], ckpt["seconds"]
         if steps < step:
@@ -237,27 +318,40 @@ def fit(
             group["lr"] = lr
         return lr
 
+    interrupt = _DeferredInterrupt()
+    last_save = time.monotonic()
+
     def save(rng: dict[str, Any] | None = None) -> None:
+        nonlocal last_save
         if out is None:
             return
         if not _all_finite(learner):
             raise NonFiniteError(f"step {step}: a parameter is not finite; the checkpoint was not written")
-        atomic_save({
-            "format": CHECKPOINT_FORMAT, "step": step, "skipped": skipped, "seconds": elapsed,
-            "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": rng if rng is not None else _rng_state(tasks), "run_config": run_config,
-            "meta_lr": meta_lr, "lr_schedule": schedule,
-        }, out / CHECKPOINT)
+        with interrupt.saving():
+            save_checkpoint({
+                "format": CHECKPOINT_FORMAT, "step": step, "skipped": skipped, "seconds": elapsed,
+                "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": rng if rng is not None else _rng_state(tasks), "run_config": run_config,
+                "meta_lr": meta_lr, "lr_schedule": schedule,
+            }, out / CHECKPOINT)
+        last_save = time.monotonic()
 
-    if not resume:
-        save()  # step 0: a run that fails before its first periodic checkpoint can still be resumed
+    def log(rec: dict[str, Any]) -> None:
+        if log_file is None:
+            return
+        if not out.is_dir():
+            raise RunDirectoryGone(2, f"the run directory was removed while training (at step {step}); nothing "
+                                      "more can be saved", str(out))
+        log_file.write(json.dumps(json_safe(rec)) + "\n")
+        log_file.flush()
 
+    with interrupt:
+        if not resume:
+            save()  # step 0: a run that fails before its first periodic checkpoint can still be resumed
     history: list[dict[str, float]] = []
     log_file = open(out / METRICS, "a") if out is not None else None  # noqa: SIM115
     for ev in events:
-        if log_file is not None:
-            log_file.write(json.dumps(json_safe(ev)) + "\n")
-            log_file.flush()
+        log(ev)
     bar = Progress(steps, step, f"meta-train {learner.name}", enabled=progress)
     last_loss = float("nan")
     start_step, t0 = step, time.perf_counter()
@@ -265,12 +359,11 @@ def fit(
     step_start_rng: dict[str, Any] | None = None
     checked = not check_first_step
     try:
-        with pyro.validation_enabled(validate), _DeferredInterrupt() as interrupt:
+        with pyro.validation_enabled(validate), interrupt:
             while step < steps:
                 if stop_after is not None and step - start_step >= stop_after:
                     break
-                if interrupt.requested:
-                    raise KeyboardInterrupt
+                interrupt.check()
                 # where this step starts: restored if the step is cut off before its update
                 step_start_rng = _rng_state(tasks) if out is not None else None
                 try:
@@ -304,6 +397,15 @@ def fit(
                             f"--skip-nonfinite to skip such meta-batches")
                     skipped += 1
                     optimizer.zero_grad(set_to_none=True)
+                    bar.write(f"warning: step {step + 1}: non-finite loss or gradient; meta-batch skipped "
+                              f"({skipped} so far)")
+                    log({"step": step + 1, "event": "skipped_nonfinite", "skipped": skipped})
+                    limit = skip_limit if skip_limit >= 1 else skip_limit * max(step + 1, 20)
+                    if skipped > limit:
+                        raise NonFiniteError(
+                            f"step {step + 1}: {skipped} of {step + 1} meta-batches were skipped as non-finite, "
+                            f"more than the limit ({_limit_text(skip_limit)}); training stopped, the last "
+                            "checkpoint is untouched. Lower meta_lr/inner_lr, or raise --skip-limit")
                 else:
                     optimizer.step()
                 step += 1
@@ -316,19 +418,22 @@ def fit(
                                      "skipped": skipped, "seconds": round(now, 3)})
                     history.append(rec)
                     bar.set(loss=f"{last_loss:.4g}", skipped=skipped)
-                    if log_file is not None:
-                        log_file.write(json.dumps(rec) + "\n")
-                        log_file.flush()
-                if step % checkpoint_every == 0 and step < steps:
+                    log(rec)
+                due = step % checkpoint_every == 0 or (
+                    checkpoint_minutes is not None and time.monotonic() - last_save >= 60 * checkpoint_minutes)
+                if due and step < steps:
                     elapsed += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     save()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         elapsed += time.perf_counter() - t0
         t0 = time.perf_counter()
-        save(rng=step_start_rng)  # mid-step: the RNG and task stream as they were when it began
-        bar.write(f"interrupted at step {step}; checkpoint written"
-                  + (f" to {out / CHECKPOINT}" if out is not None else ""))
+        with _SignalsIgnored():  # we are stopping already: a further Ctrl-C/SIGTERM must not cut this save
+            save(rng=step_start_rng)  # mid-step: the RNG and task stream as they were when it began
+        e.checkpoint = out / CHECKPOINT if out is not None else None
+        e.step = step
+        bar.write(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'} at step {step}; checkpoint "
+                  + (f"written to {out / CHECKPOINT}" if out is not None else "not written (no out_dir)"))
         raise
     finally:
         bar.close()
@@ -337,6 +442,10 @@ def fit(
     elapsed += time.perf_counter() - t0
     save()
     return FitResult(step, skipped, elapsed, last_loss, history)
+
+
+def _limit_text(limit: float) -> str:
+    return f"{int(limit)} steps" if limit >= 1 else f"{limit:.0%} of the steps"
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

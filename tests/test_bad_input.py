@@ -365,7 +365,7 @@ def _foreign(p: Path) -> None:
 CORRUPTIONS = {
     "missing": (lambda p: p.unlink(), ["no checkpoint at"]),
     "garbage": (_garbage, ["is corrupted or not a checkpoint"]),
-    "truncated": (_truncated, ["is corrupted or not a checkpoint"]),
+    "truncated": (_truncated, ["is damaged", "digest does not match"]),
     "empty": (_empty, ["is corrupted or not a checkpoint"]),
     "foreign": (_foreign, ["is not a pyro_meta checkpoint"]),
 }
@@ -405,6 +405,9 @@ def test_corrupted_checkpoint_through_the_console_script(run_dir, command):
 def test_load_checkpoint_error_type(run_dir):
     _garbage(run_dir / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(run_dir / "checkpoint.pt")
+    run_dir.joinpath("checkpoint.pt").write_bytes(b"PYRO_META_CHECKPOINT 2 sha256=" + b"0" * 64 + b"\nxyz")
+    with pytest.raises(CheckpointError, match="is damaged"):
         load_checkpoint(run_dir / "checkpoint.pt")
 
 

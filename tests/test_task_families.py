@@ -18,7 +18,7 @@ from pyro_meta.methods import build_learner, resolve
 from pyro_meta.run import train_run
 from pyro_meta.schedule import ScheduleError, lr_factor, normalize_schedule
 from pyro_meta.tasks import ProtocolError, TaskFamily, register_benchmark, unregister_benchmark
-from pyro_meta.train import CheckpointError, TaskSourceExhausted, fit
+from pyro_meta.train import CheckpointError, TaskSourceExhausted, fit, load_checkpoint
 
 TASKS_MODULE = '''
 import torch
@@ -107,8 +107,8 @@ def test_resume_with_a_family_and_a_schedule_equals_an_uninterrupted_run(cubic, 
     _, full = _run(cfg, tmp_path / "full")
     _run(cfg, tmp_path / "cut", stop_after=5)
     _run(RunConfig(), tmp_path / "cut", resume=True)
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["learner"]
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["learner"]
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["learner"]
+    b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["learner"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
