@@ -171,7 +171,11 @@ def _check_query_site(model_tr, batch: TaskBatch) -> None:
     plates = _plates(site)
     if TASKS_PLATE not in plates:
         raise ModelCheckError(f"the model's {QUERY_SITE!r} site is not inside tasks_plate")
-    lp = site["fn"].log_prob(site["value"])
+    try:
+        lp = site["fn"].log_prob(site["value"])
+    except ValueError as e:  # Pyro's validation: labels outside the likelihood's support
+        raise ModelCheckError(f"the query labels do not fit the model's {QUERY_SITE!r} likelihood: "
+                              f"{str(e).splitlines()[0][:300]}") from None
     want = (batch.num_tasks, batch.num_query)
     if tuple(lp.shape[-2:]) != want:
         raise ModelCheckError(
@@ -183,7 +187,10 @@ def _check_query_site(model_tr, batch: TaskBatch) -> None:
 def _check_site_shapes(model_tr, guide_tr) -> None:
     nesting = _max_plate_nesting(model_tr, guide_tr)
     for role, tr in (("model", model_tr), ("guide", guide_tr)):
-        tr.compute_log_prob()
+        try:
+            tr.compute_log_prob()
+        except ValueError as e:  # Pyro's validation: a value outside its distribution's support
+            raise ModelCheckError(f"a {role} site's log-density failed: {str(e).splitlines()[0][:300]}") from None
         for name, site in tr.nodes.items():
             if site["type"] != "sample" or "log_prob" not in site or site_is_subsample(site):
                 continue

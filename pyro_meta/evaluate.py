@@ -188,6 +188,9 @@ def predict(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if batch.num_tasks < 1 or batch.num_query < 1:
+        raise ValueError(f"nothing to evaluate: the batch has {batch.num_tasks} task(s) with {batch.num_query} "
+                         "query point(s) each; evaluation needs at least one of each")
     if task_chunk is None:
         task_chunk = default_task_chunk(learner, num_samples)
     was_training = learner.training

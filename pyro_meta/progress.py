@@ -87,7 +87,8 @@ class Progress:
         return f"{text}, {self.extra}" if self.extra else text
 
     def write(self, msg: str) -> None:
-        self.bar.write(msg)
+        """A line above the bar, on stderr (warnings and notes, never the results on stdout)."""
+        self.bar.write(msg, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()

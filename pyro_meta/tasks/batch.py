@@ -80,10 +80,27 @@ class TaskBatch:
                     and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 raise TaskBatchError(f"{name}: contains {bad} NaN or inf value(s); data must be finite")
+        if not ys.is_floating_point():
+            self._check_classes(ys, yq)
         for k, v in self.info.items():
             if not isinstance(v, Tensor) or v.dim() == 0 or v.shape[0] != xs.shape[0]:
                 came = _describe(v) if isinstance(v, Tensor) else type(v).__name__
                 raise TaskBatchError(f"info[{k!r}]: expected a tensor [T={xs.shape[0]}, ...], got {came}")
+
+    def _check_classes(self, ys: Tensor, yq: Tensor | None) -> None:
+        """Class labels are 0..C-1: none negative; none at or past ``C`` when the episode says how many
+        classes it has (``info["classes"] [T, C]``). A label at or past a model's ``ways`` without that
+        info is caught by ``fit``'s first-step check (Pyro's validation of the Categorical)."""
+        for name, y in (("y_support", ys), ("y_query", yq)):
+            if y is not None and y.numel() and int(y.min()) < 0:
+                raise TaskBatchError(f"{name}: class labels must be 0..C-1, found {int(y.min())}")
+        classes = self.info.get("classes")
+        if isinstance(classes, Tensor) and classes.dim() == 2:
+            c = classes.shape[1]
+            for name, y in (("y_support", ys), ("y_query", yq)):
+                if y is not None and y.numel() and int(y.max()) >= c:
+                    raise TaskBatchError(f"{name}: label {int(y.max())} in a {c}-way batch (info['classes'] has "
+                                         f"{c} columns); labels must be 0..{c - 1}")
 
     @staticmethod
     def _check_labels(name: str, y: Tensor, x: Tensor) -> None:
