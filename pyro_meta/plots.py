@@ -82,7 +82,10 @@ def plot_regression_tasks(learners: Sequence[tuple[str, MetaLearner, int]], batc
         ax.set_title(f"test task {tasks[j]}")
         ax.set_xlabel("x")
     axes[0, 0].set_ylabel("y")
-    axes[0, 0].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0, 0].get_legend_handles_labels()  # below the panels: never over the data
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.subplots_adjust(bottom=0.22)
     return _save(fig, path)
 
 
