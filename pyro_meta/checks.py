@@ -40,6 +40,10 @@ class ModelCheckError(ValueError):
     """A meta-model or guide that would train, but wrongly; the message names the site and the fix."""
 
 
+class ModelCheckWarning(UserWarning):
+    """Legal in Pyro, but rarely what a meta-model means."""
+
+
 def _latents(tr) -> dict[str, dict]:
     return {n: s for n, s in tr.nodes.items()
             if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)}
@@ -75,7 +79,7 @@ def check_learner(learner: MetaLearner, batch: TaskBatch) -> dict[str, float]:
     t0 = time.perf_counter()
     T = batch.num_tasks
     with pyro.validation_enabled(True), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # Pyro's own model/guide-match warnings: ours follow
+        warnings.filterwarnings("ignore", category=UserWarning, module="pyro")  # Pyro's own: ours follow
         guide_tr = _run(learner.guide, batch, "guide")
         try:
             model_tr = _run(poutine.replay(learner.model, trace=guide_tr), batch,
@@ -106,6 +110,9 @@ def _check_shapes(model_tr, guide_tr, T: int) -> None:
                                   f"{sorted(model_lat)}); give them the same names")
     for name, m in model_lat.items():
         if name not in guide_lat:
+            warnings.warn(f"the model samples {name!r} and the guide does not: Trace_ELBO draws it from the "
+                          "model's prior in every step (intended only for a site you do not want to infer)",
+                          ModelCheckWarning, stacklevel=4)
             continue
         g = guide_lat[name]
         if m["fn"].event_dim != g["fn"].event_dim:

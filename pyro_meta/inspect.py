@@ -25,7 +25,7 @@ import torch
 from .arviz import HELDOUT_GROUP
 from .metrics import heldout_lpd
 from .plots import plot_posterior_weights, plot_ppc
-from .run import POSTERIOR, export_run, load_run
+from .run import POSTERIOR, export_run, load_run, read_config
 from .rundir import RunLock, clean_temp_files
 
 
@@ -66,29 +66,39 @@ def inspect_run(run_dir: str | Path, max_weights: int = 8) -> str:
     """Print-ready summary of ``run_dir``'s ``posterior.nc`` (rebuilt from the checkpoint if absent);
     writes ``plots/posterior.png`` and ``plots/ppc.png``."""
     run_dir = Path(run_dir)
+    read_config(run_dir)  # not a run directory: an error before anything is touched
     with RunLock(run_dir, "inspect"):
         clean_temp_files(run_dir)
         return _inspect_locked(run_dir, max_weights)
 
 
+def _load_netcdf(path: Path) -> az.InferenceData:
+    """``path`` read fully into memory and closed (so it can be replaced while we hold the data)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        idata = az.from_netcdf(str(path))
+        for group in idata.groups():
+            idata[group].load()
+            idata[group].close()
+    return idata
+
+
 def _read_posterior(run_dir: Path) -> az.InferenceData:
-    """``posterior.nc``, rebuilt from the checkpoint when it is absent or damaged."""
+    """``posterior.nc``, rebuilt from the checkpoint when it is absent, damaged, or of the old layout."""
     path = run_dir / POSTERIOR
     if path.exists():
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                idata = az.from_netcdf(str(path))
-                idata.posterior.load()
-            return idata
+            idata = _load_netcdf(path)
+            if HELDOUT_GROUP in idata.groups():
+                return idata
+            print(f"note: {path} was written by an older version (query log-likelihoods in log_likelihood, where "
+                  "PSIS-LOO would misread them); rebuilding it from the checkpoint", file=sys.stderr, flush=True)
         except Exception as e:  # noqa: BLE001 - any read failure: the file is damaged; rebuild it
             print(f"warning: {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); rebuilding it "
                   "from the checkpoint", file=sys.stderr, flush=True)
     cfg, learner, bm = load_run(run_dir)
     export_run(run_dir, cfg, learner, bm)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return az.from_netcdf(str(path))
+    return _load_netcdf(path)
 
 
 def _inspect_locked(run_dir: Path, max_weights: int) -> str:

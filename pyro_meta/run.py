@@ -127,6 +127,7 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
         cfg = resolve(cfg)
         resolve_device(cfg.device)
         bm = benchmark_of(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, "train"):
         clean_temp_files(out)
         if is_startup_leftover(out):
@@ -211,6 +212,8 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, learner: Met
     run's ``steps`` and whether the run had ``finished`` (an evaluation of an interrupted run says so,
     here and in the file)."""
     run_dir = Path(run_dir)
+    if learner is None:
+        read_config(run_dir)  # not a run directory: an error before anything is touched
     with RunLock(run_dir, "evaluate"):
         clean_temp_files(run_dir)
         if learner is None:

@@ -125,7 +125,7 @@ class RunLock:
     """Exclusive, re-entrant (within a process) lock on a run directory.
 
     ``with RunLock(run_dir, "train"):`` raises :class:`RunLockedError` at once, naming the holder, if
-    another process holds it.
+    another process holds it. The folder must exist.
     """
 
     def __init__(self, run_dir: str | Path, purpose: str = "write"):
@@ -137,7 +137,8 @@ class RunLock:
             lock, n = _HELD[self.key]
             _HELD[self.key] = (lock, n + 1)
             return self
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.run_dir.is_dir():
+            raise FileNotFoundError(2, "no such run directory", str(self.run_dir))
         lock = FileLock(str(self.run_dir / LOCK), timeout=0)
         try:
             lock.acquire(timeout=0)

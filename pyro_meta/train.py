@@ -247,6 +247,7 @@ def fit(
                     checkpoint_every, checkpoint_minutes, skip_nonfinite, skip_limit, progress, validate,
                     stop_after, schedule, check_first_step)
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, "train"):
         clean_temp_files(out)
         return _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, device, log_every,

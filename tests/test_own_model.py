@@ -284,3 +284,36 @@ def test_builtin_guides_do_not_read_query_labels(method):
     honest = predict(learner, batch, 5, seed=0)
     blind = predict(learner, poisoned, 5, seed=0)
     assert torch.equal(honest.mean, blind.mean)
+
+
+def test_a_model_latent_without_a_guide_site_is_a_warning():
+    from pyro_meta.checks import ModelCheckWarning
+
+    class ExtraModel(LinearModel):
+        def forward(self, batch):
+            pyro.sample("noise_scale", dist.LogNormal(0.0, 1.0))  # never inferred by the guide
+            return super().forward(batch)
+
+    model = ExtraModel()
+    with pytest.warns(ModelCheckWarning, match="'noise_scale'"):
+        check_learner(MetaLearner(model, ExactGuide(model)), _batch())
+
+
+def test_inspect_rebuilds_an_old_layout_posterior(tmp_path, capsys):
+    from pyro_meta.config import RunConfig
+    from pyro_meta.inspect import inspect_run
+    from pyro_meta.run import train_run
+
+    out, _ = train_run(RunConfig(method="abml", steps=2, meta_batch=2, num_test_tasks=3, num_val_tasks=1,
+                                 hidden=[8], eval_samples=5), tmp_path / "r", progress=False)
+    import arviz as az
+
+    old = az.from_netcdf(str(out / "posterior.nc"))
+    groups = {g: old[g].load() for g in old.groups()}
+    for g in groups.values():
+        g.close()
+    groups["log_likelihood"] = groups.pop("heldout_log_likelihood")  # the old layout: query points there
+    az.InferenceData(**groups).to_netcdf(str(out / "posterior.nc"))
+    text = inspect_run(out)
+    assert "older version" in capsys.readouterr().err
+    assert "PSIS-LOO over the 15 support points" in text

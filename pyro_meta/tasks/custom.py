@@ -203,6 +203,15 @@ def custom_family(name: str) -> TaskFamily | None:
         return _REGISTRY[name]
     if not is_import_path(name):
         return None
+    if name not in _IMPORTED:  # imported and checked once per process
+        _IMPORTED[name] = _import_family(name)
+    return _IMPORTED[name]
+
+
+_IMPORTED: dict[str, TaskFamily] = {}
+
+
+def _import_family(name: str) -> TaskFamily:
     module_name, _, attr = name.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())  # as `python -m` would: a module in the current folder is found
