@@ -132,8 +132,25 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train(cfg: RunConfig, out: Path, **kw: Any):  # noqa: ANN202 - train_run's result
+    """``train_run``, with an interruption annotated by the checkpoint it leaves (see :func:`main`)."""
     from .run import train_run
+    from .train import CHECKPOINT, load_checkpoint
+
+    try:
+        return train_run(cfg, out, **kw)
+    except KeyboardInterrupt as e:
+        if getattr(e, "checkpoint", None) is None:  # outside the training loop: what is on disk?
+            ckpt = Path(out) / CHECKPOINT
+            try:
+                e.step, e.checkpoint = load_checkpoint(ckpt)["step"], ckpt
+            except (CheckpointError, OSError):
+                e.checkpoint = None
+            e.run_dir = Path(out)
+        raise
+
+
+def cmd_train(args: argparse.Namespace) -> int:
 
     given = _given(args)
     if getattr(args, "benchmark", None) is not None:
@@ -143,7 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--resume reads the run's own config.json; do not pass --config with it")
         if args.out is not None and args.out.resolve() != args.resume.resolve():
             raise ConfigError("--resume DIR continues the run in DIR; --out names another folder")
-        out, res = train_run(RunConfig(), args.resume, resume=True, progress=not args.no_progress,
+        out, res = _train(RunConfig(), args.resume, resume=True, progress=not args.no_progress,
                              overrides=given)
     else:
         base = RunConfig.load(args.config).to_dict() if args.config else {}
@@ -157,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ways = f"{cfg.ways}way-" if cfg.ways else ""
         bench = cfg.benchmark.replace(":", "-").replace("/", "-")  # an import path is not a folder name
         out = args.out or Path("runs") / f"{bench}-{cfg.method}-{ways}{cfg.shots}shot-s{cfg.seed}"
-        out, res = train_run(cfg, out, progress=not args.no_progress)
+        out, res = _train(cfg, out, progress=not args.no_progress)
     print(f"trained {res.step} steps in {res.seconds:.1f} s ({res.skipped} skipped); run directory: {out}")
     ev = out / "eval.json"
     if ev.exists():
@@ -210,7 +227,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .plots import plot_regression_tasks
-    from .run import format_metrics_table, train_run
+    from .run import format_metrics_table
 
     t0 = time.perf_counter()
     reports, learners = [], []
@@ -220,9 +237,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                 checkpoint_every=500, num_test_tasks=args.test_tasks, threads=args.threads))
         out = args.out / method
         if (out / "checkpoint.pt").exists():  # continue an interrupted demo; a different run is refused
-            out, _ = train_run(cfg, out, resume=True, progress=not args.no_progress, overrides=cfg.to_dict())
+            out, _ = _train(cfg, out, resume=True, progress=not args.no_progress, overrides=cfg.to_dict())
         else:
-            out, _ = train_run(cfg, out, progress=not args.no_progress)
+            out, _ = _train(cfg, out, progress=not args.no_progress)
         from .run import load_run
 
         cfg, learner, bm = load_run(out)
@@ -272,10 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
-        ckpt = getattr(e, "checkpoint", None)
+        ckpt, run = getattr(e, "checkpoint", None), getattr(e, "run_dir", None)
         if ckpt is not None:
-            msg = (f"{what} at step {e.step}; checkpoint written to {ckpt}: continue with "
+            msg = (f"{what}; the run's checkpoint on disk is at step {e.step} ({ckpt}): continue with "
                    f"`pyro-meta train --resume {ckpt.parent}`")
+        elif run is not None:
+            msg = (f"{what} before the run's first checkpoint; nothing to resume: run the same command again "
+                   f"(it reuses {run})")
         else:
             msg = f"{what}; this command wrote no new checkpoint"
         print(msg, file=sys.stderr)

@@ -346,9 +346,13 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
         log_file.write(json.dumps(json_safe(rec)) + "\n")
         log_file.flush()
 
-    with interrupt:
-        if not resume:
-            save()  # step 0: a run that fails before its first periodic checkpoint can still be resumed
+    try:
+        with interrupt:
+            if not resume:
+                save()  # step 0: a run that fails before its first periodic checkpoint can still be resumed
+    except KeyboardInterrupt as e:  # a signal during that save: it completed first
+        e.checkpoint, e.step = (out / CHECKPOINT if out is not None else None), step
+        raise
     history: list[dict[str, float]] = []
     log_file = open(out / METRICS, "a") if out is not None else None  # noqa: SIM115
     for ev in events:

@@ -242,7 +242,7 @@ def test_ctrl_c_before_any_checkpoint_says_so(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(run_mod, "build_learner", boom)
     assert main(["train", "--method", "maml", "--steps", "3", "--out", str(tmp_path / "r")]) == 130
     err = capsys.readouterr().err
-    assert "wrote no new checkpoint" in err and "is on disk" not in err
+    assert "before the run's first checkpoint; nothing to resume" in err and "--resume" not in err
 
 
 def test_eval_json_says_whether_the_run_finished(tmp_path, capsys):
