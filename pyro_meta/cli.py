@@ -16,7 +16,7 @@ from .config import ConfigError, RunConfig
 from .evaluate import LeakError
 from .methods import METHODS, resolve
 from .rundir import RunLockedError
-from .tasks import BENCHMARKS, ProtocolError, TaskBatchError
+from .tasks import BENCHMARKS, ProtocolError, TaskBatchError, all_benchmarks
 from .train import CheckpointError, NonFiniteError, TaskSourceExhausted, Terminated
 
 # CLI flag -> RunConfig field (only the flags a user gave are applied, so --resume can tell them apart)
@@ -206,7 +206,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_list(_: argparse.Namespace) -> int:
     print("benchmarks:")
-    for k, v in sorted(BENCHMARKS.items()):
+    for k, v in sorted(all_benchmarks().items()):
         print(f"  {k:<15} {v}")
     print("methods:")
     for k, m in sorted(METHODS.items()):

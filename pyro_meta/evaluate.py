@@ -257,7 +257,7 @@ def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str
     pred, y, bad = _finite_only(pred, batch)
     out = {
         "mse": M.mean_ci(M.squared_error(pred.mean.mean(0), y)),
-        "nll": M.mean_ci(M.mixture_nll(pred.log_lik.flatten(2) if pred.log_lik.dim() > 3 else pred.log_lik)),
+        "nll": M.mean_ci(M.mixture_nll(_points(pred.log_lik))),
     }
     for level in (0.5, 0.9):
         lo = predictive_quantile(pred, (1 - level) / 2)

@@ -18,7 +18,7 @@ from .likelihoods import Categorical, Gaussian, Likelihood
 from .models import MSE_NOISE_STD, ABMLModel, MAMLModel, VERSAModel
 from .nn import MLP, Conv4, FunctionalNet
 from .schedule import normalize_schedule
-from .tasks import BENCHMARKS, BUILTIN_BENCHMARKS, CLASSIFICATION_BENCHMARKS, is_known_benchmark
+from .tasks import BENCHMARKS, CLASSIFICATION_BENCHMARKS, all_benchmarks, is_known_benchmark
 from .tasks.custom import custom_family
 from .threads import default_threads
 
@@ -235,9 +235,9 @@ def resolve(cfg: RunConfig) -> RunConfig:
     cfg.check()
     info = get_method(cfg.method)
     if not is_known_benchmark(cfg.benchmark):
-        raise ConfigError(f"unknown benchmark {cfg.benchmark!r}; known: {', '.join(sorted(BENCHMARKS))}, or a "
+        raise ConfigError(f"unknown benchmark {cfg.benchmark!r}; known: {', '.join(sorted(all_benchmarks()))}, or a "
                           "task function's import path 'module:function'")
-    family = custom_family(cfg.benchmark) if cfg.benchmark not in BUILTIN_BENCHMARKS else None
+    family = custom_family(cfg.benchmark) if cfg.benchmark not in BENCHMARKS else None
     if family is not None:
         _check_custom(cfg, info, family)
     elif cfg.benchmark not in info.benchmarks:

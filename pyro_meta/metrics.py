@@ -63,7 +63,7 @@ def heldout_lpd(log_lik: Tensor) -> dict[str, float]:
     mc_var = (1.0 / ess - 1.0 / s).clamp(min=0.0)
     total = float(lpd.sum())
     se = float(lpd.std(unbiased=True)) * math.sqrt(t) if t > 1 else float("nan")
-    pointwise = float((torch.logsumexp(ll, 0) - math.log(s)).sum())
+    pointwise = -float(mixture_nll(ll).sum()) * q
     return {"total": total, "se": se, "per_point": total / (t * q), "per_point_se": se / (t * q),
             "mc_se": float(mc_var.sum().sqrt()), "min_ess": float(ess.min()), "pointwise_total": pointwise,
             "tasks": t, "points": t * q, "num_samples": s}

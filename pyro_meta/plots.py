@@ -11,6 +11,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
+import arviz as az  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -205,23 +206,12 @@ def plot_reliability(reliability: dict[str, list], path: str | Path, title: str 
 
 
 def _kde(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Gaussian kernel density of ``values`` on the evenly spaced ``grid`` (Silverman's bandwidth),
-    from a fine histogram smoothed with the kernel, so it stays cheap for many values."""
+    """Density of the finite ``values`` on ``grid``: ArviZ's KDE, interpolated (0 outside its support)."""
     values = values[np.isfinite(values)]
-    n = values.size
-    if n == 0:
+    if values.size < 2 or float(np.ptp(values)) == 0.0:
         return np.zeros_like(grid)
-    sd = values.std()
-    iqr = np.subtract(*np.percentile(values, [75, 25]))
-    spread = min(sd, iqr / 1.34) if iqr > 0 else sd
-    step = grid[1] - grid[0]
-    bw = max(0.9 * spread * n ** (-0.2), step)
-    edges = np.concatenate([grid - step / 2, [grid[-1] + step / 2]])
-    counts, _ = np.histogram(values, bins=edges)
-    half = int(np.ceil(4 * bw / step))
-    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) * step / bw) ** 2)
-    dens = np.convolve(counts, kernel, mode="full")[half:half + grid.size]
-    return dens / max(dens.sum() * step, 1e-300)
+    x, pdf = az.kde(values)
+    return np.interp(grid, x, pdf, left=0.0, right=0.0)
 
 
 def _selection_text(coords: Mapping[str, Any]) -> str:
@@ -287,8 +277,6 @@ def _posterior_weights_figure(idata: Any, var_name: str, coords: Mapping[str, An
                               max_weights: int = 24, hdi_prob: float = 0.94) -> plt.Figure | None:
     """The figure of :func:`plot_posterior_weights`, not yet saved; ``None`` when there is nothing
     to draw (no such variable, or an empty selection)."""
-    import arviz as az
-
     if var_name not in idata.posterior:
         return None
     values, labels = _weight_draws(idata, var_name, coords)

@@ -126,9 +126,7 @@ class _DeferredInterrupt:
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handler)
+        self._old = _set_handlers(self._handler)
         return self
 
     def _handler(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
@@ -160,22 +158,29 @@ class _DeferredInterrupt:
         return _Saving()
 
     def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        _restore_handlers(self._old)
+
+
+def _set_handlers(handler: Any) -> dict[int, Any]:
+    """Install ``handler`` for SIGINT and SIGTERM (main thread only); returns the previous ones."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in _DeferredInterrupt.SIGNALS}
+
+
+def _restore_handlers(old: dict[int, Any]) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
 
 
 class _SignalsIgnored:
     """SIGINT and SIGTERM are ignored inside (main thread only)."""
 
     def __enter__(self) -> None:
-        self._old = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in _DeferredInterrupt.SIGNALS:
-                self._old[sig] = signal.signal(sig, signal.SIG_IGN)
+        self._old = _set_handlers(signal.SIG_IGN)
 
     def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        _restore_handlers(self._old)
 
 
 def _all_finite(learner: MetaLearner) -> bool:
@@ -284,8 +289,6 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
     optimizer = torch.optim.Adam(params, lr=meta_lr)
     step, skipped, elapsed = 0, 0, 0.0
     events: list[dict[str, Any]] = []
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
     if resume:
         if not is_resumable(tasks):
             raise CheckpointError(
@@ -307,7 +310,7 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
         if steps < step:
             raise CheckpointError(f"the run in {str(out)!r} has already done {step} steps; asked for {steps}")
         _truncate_metrics(out / METRICS, step)
-        old_lr = ckpt.get("meta_lr", optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"]))
+        old_lr = ckpt.get("meta_lr", optimizer.param_groups[0]["lr"])  # format 1: the saved optimizer's rate
         old_schedule = ckpt.get("lr_schedule", {"name": "constant", "warmup_steps": 0})
         if old_lr != meta_lr or old_schedule != schedule:
             events.append({"step": step, "event": "lr_change", "meta_lr": {"from": old_lr, "to": meta_lr},

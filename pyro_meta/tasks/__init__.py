@@ -18,10 +18,10 @@ from .omniglot import (
 )
 from .registry import (
     BENCHMARKS,
-    BUILTIN_BENCHMARKS,
     CLASSIFICATION_BENCHMARKS,
     Benchmark,
     TaskStream,
+    all_benchmarks,
     get_benchmark,
     is_known_benchmark,
 )
@@ -30,9 +30,9 @@ from .stream import BatchCycle, as_task_source
 
 __all__ = [
     "BENCHMARKS",
-    "BUILTIN_BENCHMARKS",
     "BatchCycle",
     "TaskFamily",
+    "all_benchmarks",
     "as_task_source",
     "is_known_benchmark",
     "register_benchmark",

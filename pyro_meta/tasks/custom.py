@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .batch import TaskBatch
-from .regression import ProtocolError
+from .regression import ProtocolError, check_counts
 
 TaskFn = Callable[[int, int, int, torch.Generator], TaskBatch]
 
@@ -119,9 +119,7 @@ class TaskFamily:
         return self.probe["kind"]
 
     def check(self, shots: int, queries: int) -> None:
-        for what, v in (("shots", shots), ("queries", queries)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ProtocolError(f"{self.name}: {what} must be a positive integer, got {v!r}")
+        check_counts(self.name, shots, queries)
 
     def sample(self, num_tasks: int, shots: int, queries: int, g: torch.Generator) -> TaskBatch:
         """Fresh training tasks from the stream's generator ``g``."""
@@ -156,11 +154,11 @@ def register_benchmark(name: str, make_tasks: TaskFn | TaskFamily, description: 
     """Make ``make_tasks`` available as benchmark ``name`` in this process (``get_benchmark(name)``,
     ``RunConfig(benchmark=name)``). A built-in name cannot be taken; an existing registration only with
     ``replace=True``. Returns the checked :class:`TaskFamily`."""
-    from .registry import BUILTIN_BENCHMARKS
+    from .registry import BENCHMARKS
 
     if not isinstance(name, str) or not name or ":" in name:
         raise ValueError(f"a benchmark name must be a non-empty string without ':', got {name!r}")
-    if name in BUILTIN_BENCHMARKS:
+    if name in BENCHMARKS:
         raise ValueError(f"{name!r} is a built-in benchmark; register yours under another name")
     if name in _REGISTRY and not replace:
         raise ValueError(f"benchmark {name!r} is already registered; pass replace=True to replace it")

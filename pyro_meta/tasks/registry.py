@@ -59,34 +59,14 @@ class Benchmark:
         return self.classification
 
 
-class _BenchmarkNames(dict):
-    """The built-in benchmarks' descriptions, plus, read live, those registered in this process."""
-
-    def _all(self) -> dict[str, str]:
-        return {**dict(super().items()), **registered_benchmarks()}
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self._all()
-
-    def __iter__(self):
-        return iter(self._all())
-
-    def __len__(self) -> int:
-        return len(self._all())
-
-    def __getitem__(self, name: str) -> str:
-        return self._all()[name]
-
-    def items(self):
-        return self._all().items()
-
-    def keys(self):
-        return self._all().keys()
+def all_benchmarks() -> dict[str, str]:
+    """Name -> description of the built-in benchmarks and those registered in this process."""
+    return {**BENCHMARKS, **registered_benchmarks()}
 
 
 def is_known_benchmark(name: str) -> bool:
     """A built-in, a registered name, or a ``module:attr`` import path."""
-    return name in BENCHMARKS or is_import_path(name)
+    return name in all_benchmarks() or is_import_path(name)
 
 
 # Seeds of the fixed evaluation sets: part of the benchmark's definition, not of a run.
@@ -94,14 +74,12 @@ VAL_SEED = 1_000_003
 TEST_SEED = 2_000_003
 
 _FAMILIES = {"sinusoid": Sinusoid, "sinusoid_line": SinusoidLine}
-BUILTIN_BENCHMARKS = {
+BENCHMARKS = {
     "sinusoid": "MAML's sinusoid regression: A~U[0.1,5], phase~U[0,pi], x~U[-5,5], noiseless",
     "sinusoid_line": "PLATIPUS's ambiguous tasks: sinusoid or line, noise std 0.3",
     "omniglot": "N-way K-shot Omniglot, 28x28, rotations as classes; Vinyals split (or Lake's)",
 }
 CLASSIFICATION_BENCHMARKS = ("omniglot",)
-# every benchmark known in this process: the built-ins and those registered with register_benchmark
-BENCHMARKS = _BenchmarkNames(BUILTIN_BENCHMARKS)
 # which classes each part of an Omniglot split uses: train, validation, test
 _OMNIGLOT_PARTS = {"vinyals": ("train", "val", "test"), "lake": ("background", "evaluation", "evaluation")}
 
@@ -140,7 +118,7 @@ def get_benchmark(
                          ways or 5, data_root, split or "vinyals")
     family = _FAMILIES[name]() if name in _FAMILIES else custom_family(name)
     if family is None:
-        raise ProtocolError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}, or a task "
+        raise ProtocolError(f"unknown benchmark {name!r}; known: {', '.join(sorted(all_benchmarks()))}, or a task "
                             "function's import path 'module:function'")
     queries = shots if queries is None else queries
     train = TaskStream(family, meta_batch, shots, queries, seed)

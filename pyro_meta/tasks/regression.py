@@ -15,6 +15,13 @@ class ProtocolError(ValueError):
     """A protocol setting (shots, queries, ways, ...) that the benchmark cannot provide."""
 
 
+def check_counts(family: str, shots: int, queries: int) -> None:
+    """Shots and queries of a task family's draw: positive integers, else a :class:`ProtocolError`."""
+    for what, v in (("shots", shots), ("queries", queries)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ProtocolError(f"{family}: {what} must be a positive integer, got {v!r}")
+
+
 @dataclass(frozen=True)
 class RegressionFamily:
     """Base of 1-D regression task families ``y = f_task(x) + noise``.
@@ -51,9 +58,7 @@ class RegressionFamily:
         return y
 
     def check(self, shots: int, queries: int) -> None:
-        for what, v in (("shots", shots), ("queries", queries)):
-            if not isinstance(v, int) or v < 1:
-                raise ProtocolError(f"{self.name}: {what} must be a positive integer, got {v!r}")
+        check_counts(self.name, shots, queries)
 
     def sample(self, num_tasks: int, shots: int, queries: int, g: torch.Generator) -> TaskBatch:
         """Fresh training tasks: ``num_tasks`` tasks of ``shots`` support and ``queries`` query points."""
