@@ -28,6 +28,11 @@ TRAIN_FLAGS = {
     "split": "split", "test_tasks": "num_test_tasks", "eval_samples": "eval_samples",
     "batch_norm": "batch_norm", "objective": "objective", "threads": "threads",
     "checkpoint_every": "checkpoint_every", "checkpoint_minutes": "checkpoint_minutes", "skip_limit": "skip_limit",
+    "kl_estimator": "kl_estimator", "learn_noise": "learn_noise", "noise_std": "noise_std",
+    "prior_init_std": "prior_init_std", "gamma_init": "gamma_init", "amortize": "amortize",
+    "encoder_hidden": "encoder_hidden", "learned_prior": "learned_prior", "train_samples": "train_samples",
+    "inner_samples": "inner_samples", "inner_steps_eval": "inner_steps_eval", "hidden": "hidden",
+    "kl_weight_inner": "kl_weight_inner", "kl_weight_outer": "kl_weight_outer", "noise_scaled_lr": "noise_scaled_lr",
 }
 # CLI flag -> key of the lr_schedule object (pyro_meta.schedule)
 SCHEDULE_FLAGS = {"lr_schedule": "name", "lr_warmup": "warmup_steps", "lr_gamma": "gamma", "lr_every": "every",
@@ -58,7 +63,36 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                         "$PYRO_META_DATA, then the per-user cache directory")
     p.add_argument("--split", default=S, help="omniglot class split: vinyals (default) or lake")
     p.add_argument("--batch-norm", dest="batch_norm", default=S, help="conv4 batch norm: task (default) or none")
-    p.add_argument("--objective", default=S, help="VERSA: ml-pip (default, the paper's) or elbo")
+    p.add_argument("--objective", default=S,
+                   help="the training objective; VERSA: ml-pip (default, the paper's) or elbo; ABML: paper "
+                        "(default), support or joint; see `pyro-meta list` and the README")
+    p.add_argument("--kl-estimator", dest="kl_estimator", choices=["mc", "analytic"], default=S,
+                   help="KL term of the objective: mc (one sample, Trace_ELBO) or analytic (TraceMeanField_ELBO)")
+    p.add_argument("--train-samples", dest="train_samples", type=int, default=S,
+                   help="Monte Carlo samples of the training objective")
+    p.add_argument("--inner-samples", dest="inner_samples", type=int, default=S,
+                   help="ABML: Monte Carlo samples in the inner loop")
+    p.add_argument("--learn-noise", dest="learn_noise", action=argparse.BooleanOptionalAction, default=S,
+                   help="regression: learn the observation noise std (initialized at --noise-std)")
+    p.add_argument("--noise-std", dest="noise_std", type=float, default=S,
+                   help="regression: the observation noise std (fixed, or the initial value with --learn-noise)")
+    p.add_argument("--noise-scaled-lr", dest="noise_scaled_lr", action=argparse.BooleanOptionalAction, default=S,
+                   help="ABML: scale the inner step by the noise variance")
+    p.add_argument("--prior-init-std", dest="prior_init_std", type=float, default=S,
+                   help="initial std of a learned Gaussian prior over the weights (fixed prior: its std)")
+    p.add_argument("--kl-weight-inner", dest="kl_weight_inner", type=float, default=S, help="ABML: inner KL weight")
+    p.add_argument("--kl-weight-outer", dest="kl_weight_outer", type=float, default=S, help="ABML: outer KL weight")
+    p.add_argument("--gamma-init", dest="gamma_init", type=float, default=S,
+                   help="PLATIPUS: initial gamma_p and gamma_q")
+    p.add_argument("--amortize", choices=["all", "last"], default=S,
+                   help="amortized VI: a Gaussian over every weight (all) or over the last layer only")
+    p.add_argument("--encoder-hidden", dest="encoder_hidden", type=int, nargs="+", default=S,
+                   help="amortized VI: the support-set encoder's hidden widths")
+    p.add_argument("--learned-prior", dest="learned_prior", action=argparse.BooleanOptionalAction, default=S,
+                   help="amortized VI: learn the Gaussian prior over the weights (else fixed)")
+    p.add_argument("--hidden", type=int, nargs="+", default=S,
+                   help="regression: the task MLP's hidden widths (default 40 40)")
+    p.add_argument("--inner-steps-eval", dest="inner_steps_eval", type=int, default=S, help="K at test")
     p.add_argument("--steps", type=int, default=S, help="meta-updates (default: the paper's)")
     p.add_argument("--meta-batch", dest="meta_batch", type=int, default=S,
                    help="tasks per meta-batch (default: the paper's)")
@@ -211,6 +245,8 @@ def cmd_list(_: argparse.Namespace) -> int:
     print("methods:")
     for k, m in sorted(METHODS.items()):
         print(f"  {k:<15} {m.description}")
+        if m.objectives:
+            print(f"  {'':<15} objectives: {', '.join(m.objectives)}")
     print("settings (RunConfig, for --config JSON files):")
     print("  " + ", ".join(f.name for f in fields(RunConfig)))
     return 0

@@ -57,10 +57,19 @@ class RunConfig:
     kl_weight_inner: float | None = None
     kl_weight_outer: float | None = None
     noise_scaled_lr: bool | None = None
-    # VERSA
-    objective: str | None = None  # "ml-pip" (the paper's) or "elbo" (amortized VI with a N(0, I) prior)
+    # the training objective; its choices depend on the method (pyro-meta list): VERSA "ml-pip" (the
+    # paper's) or "elbo"; ABML "paper", "support" or "joint"; ...
+    objective: str | None = None
+    kl_estimator: str | None = None  # "mc" (Trace_ELBO's single sample) or "analytic" (TraceMeanField_ELBO)
     train_samples: int | None = None  # L, Monte Carlo samples of the training objective
+    # VERSA
     local_reparam: bool | None = None
+    # PLATIPUS
+    gamma_init: float | None = None  # initial gamma_p and gamma_q (the steps that condition the prior and q)
+    # amortized VI
+    encoder_hidden: list[int] | None = None  # the support-set encoder's hidden widths
+    amortize: str | None = None  # "all" (a Gaussian over every weight) or "last" (the last layer only)
+    learned_prior: bool | None = None  # a learned Gaussian prior over the weights, else N(0, prior_init_std^2)
     # evaluation
     eval_samples: int | None = None
     # run
@@ -147,18 +156,21 @@ class RunConfig:
         pos_float("grad_clip")
         pos_float("checkpoint_minutes", allow_none=True)
         pos_float("skip_limit")
-        for name in ("meta_lr", "inner_lr", "noise_std", "prior_init_std"):
+        for name in ("meta_lr", "inner_lr", "noise_std", "prior_init_std", "gamma_init"):
             pos_float(name, allow_none=True)
         for name in ("kl_weight_inner", "kl_weight_outer"):
             pos_float(name, allow_none=True, allow_zero=True)
         for name in ("first_order", "skip_nonfinite"):
             want(isinstance(getattr(self, name), bool), name, "true or false")
         for name, choices in (("split", ("vinyals", "lake")), ("downsample", ("maxpool", "stride")),
-                              ("batch_norm", ("task", "none")), ("objective", ("ml-pip", "elbo"))):
+                              ("batch_norm", ("task", "none")), ("kl_estimator", ("mc", "analytic")),
+                              ("amortize", ("all", "last"))):
             v = getattr(self, name)
             want(v is None or v in choices, name, f"one of {list(choices)} or null")
         want(self.data_root is None or isinstance(self.data_root, str), "data_root", "a path string or null")
-        for name in ("learn_noise", "noise_scaled_lr", "local_reparam"):
+        want(self.objective is None or isinstance(self.objective, str), "objective",
+             "a string (the method's objectives: pyro-meta list) or null")
+        for name in ("learn_noise", "noise_scaled_lr", "local_reparam", "learned_prior"):
             want(getattr(self, name) is None or isinstance(getattr(self, name), bool), name, "true, false or null")
         from .nn import ACTIVATIONS
 
@@ -166,5 +178,11 @@ class RunConfig:
         want(self.hidden is None or (isinstance(self.hidden, (list, tuple)) and len(self.hidden) >= 1
              and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.hidden)), "hidden",
              "a non-empty list of positive integers or null")
+        want(self.encoder_hidden is None or (isinstance(self.encoder_hidden, (list, tuple))
+             and len(self.encoder_hidden) >= 1 and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
+                                                       for h in self.encoder_hidden)), "encoder_hidden",
+             "a non-empty list of positive integers or null")
         if self.hidden is not None:
             self.hidden = list(self.hidden)
+        if self.encoder_hidden is not None:
+            self.encoder_hidden = list(self.encoder_hidden)

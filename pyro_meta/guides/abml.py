@@ -50,12 +50,14 @@ class ABMLGuide(nn.Module):
     :param noise_scaled_lr: multiply the inner step size by the likelihood's current noise variance
         sigma^2 (Gaussian only), so a learned sigma does not shrink the steps in weight space as it
         grows. Plain SGD (False) is the paper's; True is this library's option.
+    :param objective: ``"joint"``: in training (``self.training`` and query labels given) q conditions on
+        support + query; otherwise (and always at evaluation) on the support set alone.
     """
 
     def __init__(self, model: WeightSpaceModel, init_loc: Tensor, init_prior_std: float = 0.1,
                  inner_steps: int = 5, inner_steps_eval: int = 5, inner_lr: float = 0.01,
                  inner_samples: int = 1, kl_weight_inner: float = 1.0, first_order: bool = False,
-                 noise_scaled_lr: bool = False):
+                 noise_scaled_lr: bool = False, objective: str = "paper"):
         super().__init__()
         if not init_prior_std > 0:
             raise ValueError(f"init_prior_std must be positive, got {init_prior_std}")
@@ -66,34 +68,47 @@ class ABMLGuide(nn.Module):
         self.log_precision = nn.Parameter(torch.full_like(init_loc, -2.0 * math.log(init_prior_std)))
         self.inner_steps, self.inner_steps_eval, self.inner_lr = inner_steps, inner_steps_eval, inner_lr
         self.inner_samples, self.kl_weight_inner, self.first_order = inner_samples, kl_weight_inner, first_order
-        self.noise_scaled_lr = noise_scaled_lr
+        self.noise_scaled_lr, self.objective = noise_scaled_lr, objective
 
     @property
     def precision(self) -> Tensor:
         return torch.exp(self.log_precision.clamp(max=LOG_PRECISION_MAX)) + PRECISION_FLOOR
 
-    def support_loss(self, mu: Tensor, log_std: Tensor, batch: TaskBatch, loc: Tensor, prec: Tensor,
+    def support_loss(self, mu: Tensor, log_std: Tensor, x: Tensor, y: Tensor, loc: Tensor, prec: Tensor,
                      log_prec: Tensor | None = None) -> Tensor:
-        """Sum over tasks of each task's support ELBO loss per support point; ``mu, log_std [T, 1, D]``."""
+        """Sum over tasks of each task's ELBO loss per point of ``(x [T, N, ...], y)``, the set q
+        conditions on; ``mu, log_std [T, 1, D]``."""
         eps = torch.randn((self.inner_samples,) + mu.shape, dtype=mu.dtype, device=mu.device)  # M T 1 D
         phi = mu + torch.exp(log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)) * eps
-        f = self.model.net(phi.squeeze(TASK_DIM), batch.x_support)  # M T S O
-        nll = self.model.likelihood.point_loss(f, batch.y_support).sum(-1).mean(0)  # T
+        f = self.model.net(phi.squeeze(TASK_DIM), x)  # M T N O
+        nll = self.model.likelihood.point_loss(f, y).sum(-1).mean(0)  # T
         kl = gaussian_kl(mu, log_std, loc, prec, log_prec).sum(-1).squeeze(-1)  # T
-        return ((nll + self.kl_weight_inner * kl) / batch.num_support).sum()
+        return ((nll + self.kl_weight_inner * kl) / x.shape[1]).sum()
+
+    def conditioning_set(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` that q conditions on: the support set; with objective ``"joint"`` in training, support
+        and query together."""
+        if self.objective == "joint" and self.training and batch.y_query is not None:
+            return torch.cat([batch.x_support, batch.x_query], 1), torch.cat([batch.y_support, batch.y_query], 1)
+        return batch.x_support, batch.y_support
 
     def adapt(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """``(mu, log_std)`` of each task's q, ``[T, 1, D]`` each."""
+        x, y = self.conditioning_set(batch)
+        return self.fit_q(x, y)
+
+    def fit_q(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """K SGD steps on the ELBO of ``(x, y)`` from the prior -> ``(mu, log_std)``, ``[T, 1, D]`` each."""
         loc, prec = self.loc, self.precision
         log_prec = torch.log(prec)  # once per adaptation, not once per inner step
         steps = self.inner_steps if self.training else self.inner_steps_eval
-        shape = (batch.num_tasks, 1, loc.shape[-1])
+        shape = (x.shape[0], 1, loc.shape[-1])
         mu0 = loc.expand(shape)
         s0 = (-0.5 * log_prec).expand(shape)
         lr = self.inner_lr
         if self.noise_scaled_lr:
             lr = self.inner_lr * self.model.likelihood.noise_std.to(self.loc.dtype) ** 2
-        return sgd_adapt(lambda m, s: self.support_loss(m, s, batch, loc, prec, log_prec), (mu0, s0), steps,
+        return sgd_adapt(lambda m, s: self.support_loss(m, s, x, y, loc, prec, log_prec), (mu0, s0), steps,
                          lr, self.first_order)
 
     def forward(self, batch: TaskBatch) -> Tensor:

@@ -8,6 +8,10 @@ Hierarchy (``D`` weights of the task network)::
         phi_t ~ N(mu_theta, tau_theta^{-1/2})            [T, 1, D]
         y_t   ~ p(y | net(phi_t, x))  on support and query
 
+Which sets the training objective scores is ``objective`` (:data:`ABML_OBJECTIVES`): the paper's
+(support + query under a support-only q), ``"support"`` or ``"joint"`` (the guide conditions on both
+sets in training); see :mod:`pyro_meta.methods.abml` for what each optimizes.
+
 theta = (mu_theta, tau_theta) is a MAP estimate (Delta guide sites in :mod:`pyro_meta.guides.abml`).
 """
 
@@ -25,14 +29,21 @@ from .base import WeightSpaceModel
 HYPER_LOC_STD = 1.0
 GAMMA_CONCENTRATION = 1.0
 GAMMA_RATE = 0.01
+# objective -> the sets the model scores in training
+ABML_OBJECTIVES = ("paper", "support", "joint")
+_SCORED = {"paper": "support+query", "support": "support", "joint": "support+query"}
 
 
 class ABMLModel(WeightSpaceModel):
     """:param net: task network; :param likelihood: observation model;
-    :param kl_weight: weight of the outer KL term (1 = the paper's ELBO)."""
+    :param kl_weight: weight of the outer KL term (1 = the paper's ELBO);
+    :param objective: one of :data:`ABML_OBJECTIVES` (the guide must use the same)."""
 
-    def __init__(self, net: FunctionalNet, likelihood: Likelihood, kl_weight: float = 1.0):
-        super().__init__(net, likelihood, score="support+query", kl_weight=kl_weight)
+    def __init__(self, net: FunctionalNet, likelihood: Likelihood, kl_weight: float = 1.0, objective: str = "paper"):
+        if objective not in ABML_OBJECTIVES:
+            raise ValueError(f"objective must be one of {ABML_OBJECTIVES}, got {objective!r}")
+        super().__init__(net, likelihood, score=_SCORED[objective], kl_weight=kl_weight)
+        self.objective = objective
 
     def hyperprior(self, like: torch.Tensor) -> tuple[dist.Distribution, dist.Distribution]:
         d = self.net.num_params

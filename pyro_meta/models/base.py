@@ -22,7 +22,7 @@ from ..tasks import TaskBatch
 
 TASK_DIM = -2
 POINT_DIM = -1
-SCORE_CHOICES = ("query", "support+query")
+SCORE_CHOICES = ("query", "support+query", "support")
 
 
 def tasks_plate(num_tasks: int) -> pyro.plate:
@@ -47,8 +47,9 @@ class WeightSpaceModel(nn.Module):
 
     :param net: the functional task network.
     :param likelihood: the observation model.
-    :param score: ``"query"`` (MAML: the outer loss scores the query set) or ``"support+query"``
-        (ABML: the ELBO of the whole task). ``y_query`` is always a site, so prediction works.
+    :param score: ``"query"`` (MAML: the outer loss scores the query set), ``"support+query"``
+        (ABML: the ELBO of the whole task) or ``"support"`` (the support set's ELBO; the query labels
+        are masked out of the objective). ``y_query`` is always a site, so prediction works.
     :param mean_over_points: average each set's log-likelihood over its points (MAML's MSE).
     :param kl_weight: scale on the ``phi`` site's prior and guide terms (1 = the exact ELBO).
     """
@@ -77,18 +78,19 @@ class WeightSpaceModel(nn.Module):
             with poutine.scale(scale=self.kl_weight):
                 phi = pyro.sample("phi", prior)  # [..., T, 1, D]
             w = phi.squeeze(TASK_DIM)  # ..., T, D
-            if self.score == "support+query" and getattr(self.net, "batch_norm", "none") == "none":
+            if self.score != "query" and getattr(self.net, "batch_norm", "none") == "none":
                 # one network pass over support and query together (only without batch statistics,
                 # which must come from each set on its own)
                 s = batch.num_support
                 f = self.net(w, torch.cat([batch.x_support, batch.x_query], dim=1))  # ..., T, S+Q, O
                 observe("y_support", self.likelihood, f[..., :s, :], batch.y_support, self.mean_over_points)
                 f_query = f[..., s:, :]
-            elif self.score == "support+query":
+            elif self.score != "query":
                 f_support = self.net(w, batch.x_support)  # ..., T, S, O
                 observe("y_support", self.likelihood, f_support, batch.y_support, self.mean_over_points)
                 f_query = self.net(w, batch.x_query)
             else:
                 f_query = self.net(w, batch.x_query)
-            observe("y_query", self.likelihood, f_query, batch.y_query, self.mean_over_points)
+            with poutine.mask(mask=self.score != "support"):
+                observe("y_query", self.likelihood, f_query, batch.y_query, self.mean_over_points)
         return phi

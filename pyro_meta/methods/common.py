@@ -1,0 +1,91 @@
+"""What every method's recipe shares: the recipe type, the task network, the likelihood, the
+initialization and the protocol text for batch norm."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, RunConfig
+from ..learner import MetaLearner
+from ..likelihoods import Categorical, Gaussian, Likelihood
+from ..nn import MLP, Conv4, FunctionalNet
+from ..tasks import CLASSIFICATION_BENCHMARKS
+from ..tasks.custom import custom_family
+
+REGRESSION = ("sinusoid", "sinusoid_line", "custom")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One method's recipe.
+
+    :param name: the ``--method`` name.
+    :param description: one line for ``pyro-meta list``.
+    :param defaults: ``defaults(benchmark, ways, shots) -> {setting: value}``: the method's settings
+        (``METHOD_FIELDS``) on a benchmark; a setting missing there is refused for that method.
+    :param build: ``build(cfg, net) -> MetaLearner`` from a resolved config.
+    :param protocol: ``protocol(cfg) -> dict``: every protocol choice in words, written to config.json.
+    :param benchmarks: where it runs (``"custom"``: user regression task families).
+    :param objectives: the values ``objective`` may take for this method (empty: it has none).
+    :param network: ``"task"`` (the whole task network is per-task, a ``ways``-wide head on images) or
+        ``"features"`` (a shared feature extractor with no head, as in VERSA).
+    """
+
+    name: str
+    description: str
+    defaults: Callable[[str, int | None, int], dict[str, Any]]
+    build: Callable[[RunConfig, FunctionalNet], MetaLearner]
+    protocol: Callable[[RunConfig], dict[str, Any]]
+    benchmarks: tuple[str, ...]
+    objectives: tuple[str, ...] = field(default=())
+    network: str = "task"
+
+
+def is_classification(cfg: RunConfig) -> bool:
+    return cfg.benchmark in CLASSIFICATION_BENCHMARKS
+
+
+def make_net(cfg: RunConfig, features_only: bool = False) -> FunctionalNet:
+    """The task network (with a ``ways``-wide head on images) or, ``features_only``, a conv4 trunk."""
+    if cfg.benchmark in ("sinusoid", "sinusoid_line"):
+        return MLP([1, *cfg.hidden, 1], cfg.activation)
+    family = custom_family(cfg.benchmark)
+    if family is not None:
+        x_shape, y_dim = family.probe["x_shape"], family.probe["y_dim"]
+        return MLP([x_shape[0], *cfg.hidden, y_dim], cfg.activation)
+    if cfg.benchmark in CLASSIFICATION_BENCHMARKS:
+        return Conv4(None if features_only else cfg.ways, in_channels=1, image_size=28,
+                     filters=cfg.filters, downsample=cfg.downsample, batch_norm=cfg.batch_norm)
+    raise ConfigError(f"no network is defined for benchmark {cfg.benchmark!r}")
+
+
+def make_likelihood(cfg: RunConfig) -> Likelihood:
+    if cfg.benchmark in CLASSIFICATION_BENCHMARKS:
+        return Categorical()
+    return Gaussian(cfg.noise_std, bool(cfg.learn_noise))
+
+
+def init_weights(net: FunctionalNet, seed: int) -> torch.Tensor:
+    return net.init(torch.Generator().manual_seed(seed))
+
+
+def bn_text(cfg: RunConfig) -> str:
+    if cfg.benchmark not in CLASSIFICATION_BENCHMARKS:
+        return "none (MLP)"
+    if cfg.batch_norm == "none":
+        return "none"
+    return ("per-task batch statistics, computed separately over each task's support set and over its "
+            "query set, in training and at test (transductive over the query set; no running averages)")
+
+
+def likelihood_text(cfg: RunConfig) -> str:
+    if cfg.benchmark in CLASSIFICATION_BENCHMARKS:
+        return "Categorical (softmax)"
+    if cfg.learn_noise:
+        return (f"Gaussian, noise std learned (softplus(r) + 1e-3, initialized at {cfg.noise_std:g}), one "
+                "meta-parameter")
+    return f"Gaussian, noise std fixed at {cfg.noise_std:g}"
