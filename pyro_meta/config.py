@@ -47,6 +47,9 @@ class RunConfig:
     inner_steps: int | None = None
     inner_steps_eval: int | None = None
     inner_lr: float | None = None
+    # ABML: "sgd" (the paper's plain SGD on q's mean and log std) or "natural" (the mean's step
+    # preconditioned by q's variance, the natural gradient of a Gaussian mean; see guides/abml.py)
+    inner_step: str | None = None
     first_order: bool = False
     # likelihood
     noise_std: float | None = None
@@ -164,7 +167,7 @@ class RunConfig:
             want(isinstance(getattr(self, name), bool), name, "true or false")
         for name, choices in (("split", ("vinyals", "lake")), ("downsample", ("maxpool", "stride")),
                               ("batch_norm", ("task", "none")), ("kl_estimator", ("mc", "analytic")),
-                              ("amortize", ("all", "last"))):
+                              ("amortize", ("all", "last")), ("inner_step", ("sgd", "natural"))):
             v = getattr(self, name)
             want(v is None or v in choices, name, f"one of {list(choices)} or null")
         want(self.data_root is None or isinstance(self.data_root, str), "data_root", "a path string or null")

@@ -48,12 +48,15 @@ def _autograd(learner, batch, param):
     return param.grad.detach().clone().view(-1)
 
 
-@pytest.mark.parametrize("method,names", [
-    ("maml", ["guide.theta"]),
-    ("abml", ["guide.loc", "guide.log_precision", "model.likelihood.raw_noise"]),
+@pytest.mark.parametrize("method,names,kw", [
+    ("maml", ["guide.theta"], {}),
+    ("abml", ["guide.loc", "guide.log_precision", "model.likelihood.raw_noise"], {}),
+    ("abml", ["guide.loc", "guide.log_precision", "model.likelihood.raw_noise"],
+     {"inner_step": "natural", "inner_lr": 0.3, "objective": "predictive", "train_samples": 4}),
+    ("abml", ["guide.loc", "guide.log_precision"], {"objective": "joint", "kl_estimator": "analytic"}),
 ])
-def test_second_order_meta_gradient_matches_finite_differences(method, names):
-    learner, batch = _setup(method)
+def test_second_order_meta_gradient_matches_finite_differences(method, names, kw):
+    learner, batch = _setup(method, **kw)
     params = dict(learner.named_parameters())
     for name in names:
         p = params[name]

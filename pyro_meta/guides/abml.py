@@ -50,6 +50,13 @@ class ABMLGuide(nn.Module):
     :param noise_scaled_lr: multiply the inner step size by the likelihood's current noise variance
         sigma^2 (Gaussian only), so a learned sigma does not shrink the steps in weight space as it
         grows. Plain SGD (False) is the paper's; True is this library's option.
+    :param inner_step: ``"sgd"`` (the paper's): plain SGD on ``(mu, s)`` with step ``inner_lr``.
+        ``"natural"`` (this library's): the mean takes the natural-gradient step of a Gaussian,
+        ``mu <- mu - inner_lr * exp(2 s) * d(-ELBO)/d mu`` (the per-point loss's gradient times the
+        number of points), and ``s`` a plain step of ``inner_lr / 2`` on the per-point loss. The KL's pull
+        on the mean is then ``inner_lr * (mu - mu_theta)`` whatever the prior's scale (plain SGD
+        diverges once ``inner_lr * tau_theta / shots > 2``), and each weight moves in proportion to its
+        variance: a learned prior variance is a learned per-weight step size.
     :param objective: ``"joint"``: in training (``self.training`` and query labels given) q conditions on
         support + query; otherwise (and always at evaluation) on the support set alone.
     """
@@ -57,7 +64,7 @@ class ABMLGuide(nn.Module):
     def __init__(self, model: WeightSpaceModel, init_loc: Tensor, init_prior_std: float = 0.1,
                  inner_steps: int = 5, inner_steps_eval: int = 5, inner_lr: float = 0.01,
                  inner_samples: int = 1, kl_weight_inner: float = 1.0, first_order: bool = False,
-                 noise_scaled_lr: bool = False, objective: str = "paper"):
+                 noise_scaled_lr: bool = False, objective: str = "paper", inner_step: str = "sgd"):
         super().__init__()
         if not init_prior_std > 0:
             raise ValueError(f"init_prior_std must be positive, got {init_prior_std}")
@@ -68,7 +75,9 @@ class ABMLGuide(nn.Module):
         self.log_precision = nn.Parameter(torch.full_like(init_loc, -2.0 * math.log(init_prior_std)))
         self.inner_steps, self.inner_steps_eval, self.inner_lr = inner_steps, inner_steps_eval, inner_lr
         self.inner_samples, self.kl_weight_inner, self.first_order = inner_samples, kl_weight_inner, first_order
-        self.noise_scaled_lr, self.objective = noise_scaled_lr, objective
+        if inner_step not in ("sgd", "natural"):
+            raise ValueError(f"inner_step must be 'sgd' or 'natural', got {inner_step!r}")
+        self.noise_scaled_lr, self.objective, self.inner_step = noise_scaled_lr, objective, inner_step
 
     @property
     def precision(self) -> Tensor:
@@ -108,8 +117,17 @@ class ABMLGuide(nn.Module):
         lr = self.inner_lr
         if self.noise_scaled_lr:
             lr = self.inner_lr * self.model.likelihood.noise_std.to(self.loc.dtype) ** 2
+        update = None
+        if self.inner_step == "natural":
+            n = x.shape[1]
+
+            def update(cur, grads):
+                (m, s), (gm, gs) = cur, grads
+                var = torch.exp(2 * s.clamp(LOG_STD_MIN, LOG_STD_MAX))
+                return m - (lr * n) * var * gm, s - (0.5 * lr) * gs
+
         return sgd_adapt(lambda m, s: self.support_loss(m, s, x, y, loc, prec, log_prec), (mu0, s0), steps,
-                         lr, self.first_order)
+                         lr, self.first_order, update=update)
 
     def forward(self, batch: TaskBatch) -> Tensor:
         pyro.sample("prior_loc", dist.Delta(self.loc, event_dim=1))

@@ -1,6 +1,6 @@
 """Pieces that several methods share."""
 
 from .adapt import sgd_adapt
-from .losses import MLPIP, log_mean_exp
+from .losses import MLPIP, PredictiveELBO, log_mean_exp
 
-__all__ = ["MLPIP", "log_mean_exp", "sgd_adapt"]
+__all__ = ["MLPIP", "PredictiveELBO", "log_mean_exp", "sgd_adapt"]

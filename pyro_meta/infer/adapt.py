@@ -14,6 +14,7 @@ def sgd_adapt(
     steps: int,
     lr: float | Sequence[float],
     first_order: bool = False,
+    update: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None,
 ) -> tuple[Tensor, ...]:
     """K steps of plain SGD, ``p <- p - lr * d loss / d p``, as a pure function.
 
@@ -31,6 +32,8 @@ def sgd_adapt(
     :param steps: ``K >= 0``.
     :param lr: one step size, or one per parameter group.
     :param first_order: drop second-order terms.
+    :param update: ``update(params, grads) -> new params`` replaces the plain step (``lr`` is then
+        unused), e.g. a preconditioned step whose scale depends on the current parameters.
     :returns: the adapted parameters, same shapes as ``params``.
     """
     if steps < 0:
@@ -48,7 +51,7 @@ def sgd_adapt(
             grads = torch.autograd.grad(loss, cur, create_graph=create_graph)
             if not create_graph:
                 grads = tuple(g.detach() for g in grads)
-            cur = tuple(p - a * g for p, g, a in zip(cur, grads, lrs))
+            cur = update(cur, grads) if update is not None else tuple(p - a * g for p, g, a in zip(cur, grads, lrs))
             if not outer_grad:
                 cur = tuple(p.detach().requires_grad_() for p in cur)
     if not outer_grad:

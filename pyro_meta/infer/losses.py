@@ -96,3 +96,60 @@ class MLPIP:
 
     def __repr__(self) -> str:
         return f"MLPIP(num_samples={self.num_samples}, local_reparam={self.local_reparam})"
+
+
+class PredictiveELBO:
+    """The ELBO of the support set plus the log posterior-predictive density of the query set:
+
+        L_t = E_q[log p(y_s | phi) + log p(phi | theta) - log q(phi)]
+              + log( (1/L) sum_l prod_q p(y_tq | x_tq, phi_l) ),      phi_l ~ q(phi | support_t),
+
+    averaged over tasks, plus ``log p(theta)`` once per meta-batch; the loss is ``-L``. With the exact
+    posterior as ``q`` and ``L -> inf`` this is ``log p(y_s | theta) + log p(y_q | y_s, theta) =
+    log p(D_t | theta)``, so, unlike scoring ``E_q[log p(y_q | phi)]``, its optimum over the prior is the
+    empirical-Bayes one; and it trains exactly the path that predicts at test (q from the support set).
+    It is ABML's objective ``"predictive"`` (this library's; not the paper's).
+
+    The model must observe the support at an ELBO-scored site and have ``y_query`` as a site that the
+    ELBO does not score (a ``WeightSpaceModel`` with ``score="support"`` masks it); the query term is
+    computed here from that site's distribution. One vectorized ``plate("particles", L, dim=-3)`` runs
+    guide and model once for both terms.
+
+    :param num_samples: ``L`` (the ELBO term is the average over the same ``L`` draws).
+    """
+
+    def __init__(self, num_samples: int = 10):
+        if not (isinstance(num_samples, int) and num_samples >= 1):
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        self.num_samples = num_samples
+
+    def differentiable_loss(self, model: Any, guide: Any, batch: Any) -> Tensor:
+        if batch.y_query is None:
+            raise ValueError("the predictive objective scores the query labels; this TaskBatch has y_query=None")
+        with pyro.plate("particles", self.num_samples, dim=PARTICLES_DIM):
+            guide_tr = poutine.trace(guide).get_trace(batch)
+            model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(batch)
+        if QUERY_SITE not in model_tr.nodes:
+            raise ValueError(f"the predictive objective scores the model's {QUERY_SITE!r} site; the model has none")
+        model_tr.compute_log_prob()
+        guide_tr.compute_log_prob()
+        elbo = 0.0
+        for name, site in model_tr.nodes.items():
+            if site["type"] == "sample" and name != QUERY_SITE:
+                elbo = elbo + site["log_prob_sum"]
+        for site in guide_tr.nodes.values():
+            if site["type"] == "sample" and not site["is_observed"]:
+                elbo = elbo - site["log_prob_sum"]
+        elbo = elbo / self.num_samples  # the particles plate sums over the L draws
+        site = model_tr.nodes[QUERY_SITE]
+        log_lik = site["fn"].log_prob(site["value"])  # L T Q
+        log_lik = log_lik.expand((self.num_samples,) + log_lik.shape[1:]).sum(-1)  # L T
+        predictive = log_mean_exp(log_lik, 0)  # T
+        return -(elbo + (site["scale"] * predictive).sum())
+
+    def loss(self, model: Any, guide: Any, batch: Any) -> float:
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, batch))
+
+    def __repr__(self) -> str:
+        return f"PredictiveELBO(num_samples={self.num_samples})"

@@ -30,8 +30,9 @@ HYPER_LOC_STD = 1.0
 GAMMA_CONCENTRATION = 1.0
 GAMMA_RATE = 0.01
 # objective -> the sets the model scores in training
-ABML_OBJECTIVES = ("paper", "support", "joint")
-_SCORED = {"paper": "support+query", "support": "support", "joint": "support+query"}
+ABML_OBJECTIVES = ("paper", "support", "joint", "predictive")
+# "predictive": the ELBO scores the support; PredictiveELBO adds the query's log predictive itself
+_SCORED = {"paper": "support+query", "support": "support", "joint": "support+query", "predictive": "support"}
 
 
 class ABMLModel(WeightSpaceModel):
