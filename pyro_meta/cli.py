@@ -33,6 +33,8 @@ TRAIN_FLAGS = {
     "encoder_hidden": "encoder_hidden", "learned_prior": "learned_prior", "train_samples": "train_samples",
     "inner_samples": "inner_samples", "inner_steps_eval": "inner_steps_eval", "hidden": "hidden",
     "kl_weight_inner": "kl_weight_inner", "kl_weight_outer": "kl_weight_outer", "noise_scaled_lr": "noise_scaled_lr",
+    "inner_step": "inner_step", "hyperprior_weight": "hyperprior_weight",
+    "prior_init_std_hidden": "prior_init_std_hidden",
 }
 # CLI flag -> key of the lr_schedule object (pyro_meta.schedule)
 SCHEDULE_FLAGS = {"lr_schedule": "name", "lr_warmup": "warmup_steps", "lr_gamma": "gamma", "lr_every": "every",
@@ -93,6 +95,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, nargs="+", default=S,
                    help="regression: the task MLP's hidden widths (default 40 40)")
     p.add_argument("--inner-steps-eval", dest="inner_steps_eval", type=int, default=S, help="K at test")
+    p.add_argument("--inner-step", dest="inner_step", choices=["sgd", "natural"], default=S,
+                   help="ABML: plain SGD on q (the paper's) or a natural-gradient step on q's mean")
+    p.add_argument("--hyperprior-weight", dest="hyperprior_weight", type=float, default=S,
+                   help="ABML: scale of log p(theta) per meta-batch (see README, 'Protocol choices')")
+    p.add_argument("--prior-init-std-hidden", dest="prior_init_std_hidden", type=float, default=S,
+                   help="ABML: initial prior std of the hidden layers (default: --prior-init-std)")
     p.add_argument("--steps", type=int, default=S, help="meta-updates (default: the paper's)")
     p.add_argument("--meta-batch", dest="meta_batch", type=int, default=S,
                    help="tasks per meta-batch (default: the paper's)")
@@ -155,7 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the policy's, 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
+    _compare_parser(sub)
     return parser
+
+
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
+    from .compare import add_arguments
+
+    p = sub.add_parser("compare", help="the scoreboard: every regression method on identical tasks, at equal "
+                                       "iterations and equal wall time; a markdown table and figures")
+    add_arguments(p)
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
@@ -290,8 +307,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import scoreboard_from_args
+
+    board = scoreboard_from_args(args, "pyro-meta compare")
+    print((args.out / "scoreboard.md").read_text())
+    return 0 if all("error" not in r for r in board["rows"]) else 1
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "list": cmd_list,
-            "download": cmd_download, "demo": cmd_demo}
+            "download": cmd_download, "demo": cmd_demo, "compare": cmd_compare}
 
 
 def describe_os_error(e: OSError) -> str:

@@ -50,6 +50,10 @@ class RunConfig:
     # ABML: "sgd" (the paper's plain SGD on q's mean and log std) or "natural" (the mean's step
     # preconditioned by q's variance, the natural gradient of a Gaussian mean; see guides/abml.py)
     inner_step: str | None = None
+    # ABML: the scale of log p(theta) per meta-batch (1: once per meta-batch, the old default; see models/abml.py)
+    hyperprior_weight: float | None = None
+    # ABML: the initial prior std of the hidden layers' weights (None: prior_init_std for every layer)
+    prior_init_std_hidden: float | None = None
     first_order: bool = False
     # likelihood
     noise_std: float | None = None
@@ -159,9 +163,9 @@ class RunConfig:
         pos_float("grad_clip")
         pos_float("checkpoint_minutes", allow_none=True)
         pos_float("skip_limit")
-        for name in ("meta_lr", "inner_lr", "noise_std", "prior_init_std", "gamma_init"):
+        for name in ("meta_lr", "inner_lr", "noise_std", "prior_init_std", "gamma_init", "prior_init_std_hidden"):
             pos_float(name, allow_none=True)
-        for name in ("kl_weight_inner", "kl_weight_outer"):
+        for name in ("kl_weight_inner", "kl_weight_outer", "hyperprior_weight"):
             pos_float(name, allow_none=True, allow_zero=True)
         for name in ("first_order", "skip_nonfinite"):
             want(isinstance(getattr(self, name), bool), name, "true or false")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -247,9 +249,29 @@ def predictive_quantile(pred: Prediction, p: float) -> Tensor:
     return torch.quantile(pred.y_draws.float(), p, dim=0)
 
 
+def predictive_calibration(pred: Prediction, y: Tensor,
+                           levels: Sequence[float] = M.CALIBRATION_LEVELS) -> dict[str, Any]:
+    """The regression calibration curve (:func:`pyro_meta.metrics.calibration_curve`) of the
+    predictive mixture on ``y [T, Q, O]``: at each nominal level, the fraction of query points inside
+    the central interval between the mixture's exact quantiles (those of :func:`predictive_quantile`).
+
+    For a Gaussian ``p(y | phi)`` the interval test is made through the mixture's CDF at ``y``
+    (``|2 F(y) - 1| <= level``, the same intervals without a bisection per level); otherwise each
+    level's interval comes from :func:`predictive_quantile` of the draws.
+    """
+    if pred.gaussian:
+        pit = M.gaussian_mixture_cdf(y, pred.mean, pred.stddev)  # T Q O
+        coverage = M.pit_coverage(pit, levels)  # L T
+    else:
+        coverage = torch.stack([M.interval_coverage(y, predictive_quantile(pred, (1 - a) / 2),
+                                                    predictive_quantile(pred, (1 + a) / 2)) for a in levels])
+    return M.calibration_curve(coverage, levels)
+
+
 def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str, float]]:
     """MSE of the predictive mean, NLL of the predictive mixture, and 50%/90% central-interval
-    coverage, each as ``{"mean", "ci95", "n"}`` over tasks.
+    coverage, each as ``{"mean", "ci95", "n"}`` over tasks; ``"calibration"``: the calibration curve
+    at nominal levels 0.05, 0.10, ..., 0.95 and its mean absolute gap (:func:`predictive_calibration`).
 
     Tasks with a non-finite prediction (a diverged inner loop) are left out of these means and
     counted in ``"nonfinite_tasks"``; ``n`` says how many tasks each mean is over.
@@ -264,6 +286,7 @@ def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str
         hi = predictive_quantile(pred, (1 + level) / 2)
         out[f"coverage{int(level * 100)}"] = M.mean_ci(M.interval_coverage(y, lo, hi))
     out["heldout_lpd"] = M.heldout_lpd(_points(pred.log_lik))
+    out["calibration"] = predictive_calibration(pred, y)
     out["nonfinite_tasks"] = {"count": bad, "of": batch.num_tasks}
     return out
 

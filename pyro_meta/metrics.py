@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -95,6 +97,44 @@ def interval_coverage(y: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
     """Per-task fraction of ``y [T, Q, ...]`` inside ``[lower, upper]`` -> ``[T]``."""
     inside = ((y >= lower) & (y <= upper)).to(torch.float64)
     return inside.flatten(1).mean(-1)
+
+
+# ---------------------------------------------------------------------------- regression calibration
+# nominal levels of the regression calibration curve: 0.05, 0.10, ..., 0.95
+CALIBRATION_LEVELS = tuple(round(0.05 * k, 2) for k in range(1, 20))
+
+
+def pit_coverage(pit: Tensor, levels: Sequence[float] = CALIBRATION_LEVELS) -> Tensor:
+    """Per-task central-interval coverage at each nominal level from probability integral transforms.
+
+    For a continuous, strictly increasing predictive CDF ``F``, ``y`` lies in the central interval
+    ``[F^-1((1 - a) / 2), F^-1((1 + a) / 2)]`` exactly when ``|2 F(y) - 1| <= a``, so one CDF value per
+    point gives the coverage at every level.
+
+    :param pit: ``F(y)`` of each query point, ``[T, Q, ...]``. Returns ``[L, T]``.
+    """
+    dev = (2 * pit.detach().double() - 1).abs().flatten(1)  # T P
+    a = torch.as_tensor(levels, dtype=torch.float64, device=dev.device)[:, None, None]  # L 1 1
+    return (dev[None] <= a).to(torch.float64).mean(-1)
+
+
+def calibration_curve(coverage: Tensor, levels: Sequence[float] = CALIBRATION_LEVELS) -> dict[str, Any]:
+    """The regression calibration curve: observed against nominal central-interval coverage.
+
+    :param coverage: ``[L, T]`` each task's fraction of query points inside its central predictive
+        interval at each nominal level (:func:`interval_coverage` per level, or :func:`pit_coverage`).
+    :returns: ``{"levels": [L], "observed": [L] (mean over tasks), "ci95": [L] (95% CI half-width over
+        tasks), "gap": mean_l |observed_l - level_l|, "max_gap": max_l |...|, "n": T}``. A calibrated
+        predictive has ``observed ~= levels``; an over-confident one lies below the diagonal.
+    """
+    cov = coverage.detach().double()
+    if cov.dim() != 2 or cov.shape[0] != len(levels):
+        raise ValueError(f"expected coverage [L={len(levels)}, T], got {tuple(cov.shape)}")
+    stats = [mean_ci(c) for c in cov]
+    observed = [s["mean"] for s in stats]
+    gaps = [abs(o - a) for o, a in zip(observed, levels)]
+    return {"levels": [float(a) for a in levels], "observed": observed, "ci95": [s["ci95"] for s in stats],
+            "gap": sum(gaps) / len(gaps), "max_gap": max(gaps), "n": int(cov.shape[1])}
 
 
 # ---------------------------------------------------------------------------- classification

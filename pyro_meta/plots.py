@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib import ticker  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from .evaluate import predict, predictive_quantile  # noqa: E402
 from .learner import MetaLearner  # noqa: E402
@@ -41,15 +42,19 @@ def _grid_batch(batch: TaskBatch, x_range: tuple[float, float], n: int = 200) ->
 
 
 def predictive_bands(learner: MetaLearner, batch: TaskBatch, x_range: tuple[float, float],
-                     num_samples: int = 100, seed: int = 0, n: int = 200) -> dict[str, torch.Tensor]:
-    """Predictive mean and 50%/90% central intervals on a grid of ``n`` inputs, per task ``[T, n]``."""
+                     num_samples: int = 100, seed: int = 0, n: int = 200, draws: int = 0) -> dict[str, torch.Tensor]:
+    """Predictive mean and 50%/90% central intervals on a grid of ``n`` inputs, per task ``[T, n]``;
+    with ``draws``, also ``"draws" [k, T, n]``: the predictive means of the first ``k <= draws``
+    posterior samples (``Prediction.mean[s]``, posterior function draws; one for a point estimate)."""
     g = _grid_batch(batch, x_range, n)
-    pred = predict(learner, g, num_samples, seed)
+    pred = predict(learner, g, num_samples, seed, keep_latents=False)
     out = {"x": g.x_query[..., 0], "mean": pred.mean.mean(0)[..., 0]}
     for level in (0.5, 0.9):
         for side, p in (("lo", (1 - level) / 2), ("hi", (1 + level) / 2)):
             v = predictive_quantile(pred, p)
             out[f"{side}{int(level * 100)}"] = v[..., 0]
+    if draws:
+        out["draws"] = pred.mean[:draws, ..., 0]  # k T n
     return out
 
 
@@ -413,3 +418,136 @@ def plot_ppc(idata: Any, path: str | Path, num_pp_samples: int = 50, title: str 
     query points) against the observed query labels; for classification, the fraction of query
     points per class label, observed against predicted. Works with a single draw."""
     return _save(_ppc_figure(idata, num_pp_samples, title), path)
+
+
+def _task_kind(info: Mapping[str, torch.Tensor], j: int) -> str:
+    """``"line"`` / ``"sine"`` for a sinusoid-or-line task (its ``is_line`` parameter), else ``""``."""
+    if "is_line" not in info:
+        return ""
+    return "line" if float(info["is_line"][j]) > 0.5 else "sine"
+
+
+def plot_ambiguous_tasks(learners: Mapping[str, Mapping[int, tuple[MetaLearner, int]]],
+                         batches: Mapping[int, TaskBatch], family: RegressionFamily, path: str | Path,
+                         tasks: Sequence[int] = (0, 1), draws: int = 5, seed: int = 0, title: str = "") -> Path:
+    """Posterior function draws on a few fixed test tasks: one column per method, one row per
+    (task, shots). Each panel: the true function, the support points, the predictive mean with its
+    50% and 90% central bands on a dense grid, and up to ``draws`` posterior function draws (the
+    predictive means of single posterior samples; a point estimate such as MAML's has one).
+
+    :param learners: ``method -> shots -> (learner, posterior samples)``; each row uses the learner
+        trained at that row's shots (a method without it leaves the panel empty, saying so).
+    :param batches: ``shots -> fixed test tasks`` at those shots; regression benchmarks draw the same
+        functions for every shots (:meth:`RegressionFamily.fixed`), so rows of one task show how the
+        posterior changes as support points are added.
+    :param tasks: task indices to show (rows: each task at each shots, in order).
+    """
+    shots = sorted(batches)
+    rows = [(t, k) for t in tasks for k in shots]
+    methods = list(learners)
+    n = 200
+    grid = torch.linspace(*family.x_range, n)
+    fig, axes = plt.subplots(len(rows), len(methods), figsize=(3.4 * len(methods) + 0.6, 2.6 * len(rows) + 0.9),
+                             squeeze=False, sharex=True, layout="constrained")
+    for k in shots:
+        sub = batches[k].select(list(tasks))
+        info = {key: v.cpu() for key, v in sub.info.items()}
+        truth = family.function(info, grid[None, :, None].expand(len(tasks), n, 1))[..., 0]  # t n
+        for c, method in enumerate(methods):
+            bands = None
+            if k in learners[method]:
+                learner, samples = learners[method][k]
+                bands = predictive_bands(learner, sub, family.x_range, max(samples, 1), seed, n, draws=draws)
+            for i, t in enumerate(tasks):
+                ax = axes[rows.index((t, k)), c]
+                _ambiguous_panel(ax, grid, truth[i], sub, i, bands)
+                if c == 0:
+                    kind = _task_kind(info, i)
+                    ax.set_ylabel(f"test task {t}{f' ({kind})' if kind else ''}\n{k}-shot\ny", fontsize=9)
+    for c, method in enumerate(methods):
+        axes[0, c].set_title(method, fontsize=11, fontweight="bold")
+        axes[-1, c].set_xlabel("x", fontsize=9)
+    handles, labels = [], []
+    for ax in axes.flat:  # every kind of line once, in the first panel that has it
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3 if len(methods) < 2 else 6),
+               fontsize=8, frameon=False)
+    fig.suptitle(title or "posterior predictive on ambiguous test tasks\n(the same tasks and support points "
+                          "for every method)", fontsize=11)
+    return _save(fig, path)
+
+
+def _ambiguous_panel(ax: plt.Axes, grid: torch.Tensor, truth: torch.Tensor, sub: TaskBatch, i: int,
+                     bands: dict[str, torch.Tensor] | None) -> None:
+    """One panel of :func:`plot_ambiguous_tasks`: task ``i`` of ``sub`` and its predictive ``bands``."""
+    xs, ys = sub.x_support[i, :, 0].cpu(), sub.y_support[i, :, 0].cpu()
+    ax.plot(grid, truth, color="black", lw=1.4, label="true function", zorder=4)
+    if bands is None:
+        ax.text(0.5, 0.5, "no run at these shots", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    else:
+        x = bands["x"][i].cpu()
+        ax.fill_between(x, bands["lo90"][i].cpu(), bands["hi90"][i].cpu(), color="tab:blue", alpha=0.15, lw=0,
+                        label="90% predictive band")
+        ax.fill_between(x, bands["lo50"][i].cpu(), bands["hi50"][i].cpu(), color="tab:blue", alpha=0.3, lw=0,
+                        label="50% predictive band")
+        for s, d in enumerate(bands.get("draws", [])):
+            ax.plot(x, d[i].cpu(), color="tab:orange", lw=0.9, alpha=0.8,
+                    label="posterior function draws" if s == 0 else None)
+        ax.plot(x, bands["mean"][i].cpu(), color="tab:blue", lw=1.8, label="predictive mean")
+    ax.scatter(xs, ys, s=36, color="red", edgecolor="white", zorder=6, label="support points")
+    lo = float(min(truth.min(), ys.min()))
+    hi = float(max(truth.max(), ys.max()))
+    pad = max(0.35 * (hi - lo), 1.5)  # bands of a vague posterior are clipped, the task stays readable
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.25)
+
+
+MODE_STYLES = {"iterations": "-", "wall": "--"}
+MODE_TEXT = {"iterations": "equal iterations", "wall": "equal wall time"}
+
+
+def plot_calibration_curves(panels: Mapping[str, Sequence[tuple[str, str, Mapping[str, Any]]]],
+                            path: str | Path, ncols: int | None = None, title: str = "") -> Path:
+    """Regression calibration curves: observed against nominal central-interval coverage, one panel
+    per entry of ``panels`` (``panel title -> [(method, mode, curve)]``, ``curve`` as in ``eval.json``'s
+    ``"calibration"``: ``levels``, ``observed``, ``gap``), the diagonal of perfect calibration. Colour
+    says the method, line style the mode (``"iterations"`` solid, ``"wall"`` dashed); below the
+    diagonal is over-confident, above it under-confident."""
+    names = list(panels)
+    ncols = max(1, min(ncols or len(names), len(names)))
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 0.4, 3.1 * nrows + 0.9), squeeze=False,
+                             sharex=True, sharey=True, layout="constrained")
+    methods = list(dict.fromkeys(m for curves in panels.values() for m, _, _ in curves))
+    modes = list(dict.fromkeys(mode for curves in panels.values() for _, mode, _ in curves))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for ax, name in zip(axes.flat, names):
+        ax.plot([0, 1], [0, 1], color="gray", lw=1, ls=":")
+        for method, mode, curve in panels[name]:
+            ax.plot(curve["levels"], curve["observed"], color=colors[method], ls=MODE_STYLES.get(mode, "-."),
+                    lw=1.6, marker="o", ms=2.5)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.25)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("nominal coverage", fontsize=9)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("observed coverage", fontsize=9)
+    handles = [Line2D([], [], color=colors[m], lw=2, label=m) for m in methods]
+    handles += [Line2D([], [], color="black", ls=MODE_STYLES.get(mode, "-."), label=MODE_TEXT.get(mode, mode))
+                for mode in modes]
+    handles.append(Line2D([], [], color="gray", ls=":", label="perfect calibration"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3 * ncols), fontsize=8,
+               frameon=False)
+    fig.suptitle(title or "regression calibration: central-interval coverage on the fixed test tasks\n"
+                          "(below the diagonal: over-confident)", fontsize=10)
+    return _save(fig, path)

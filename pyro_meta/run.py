@@ -105,7 +105,7 @@ def _note(msg: str) -> None:
 
 def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True,
               stop_after: int | None = None, finalize_run: bool = True,
-              overrides: dict[str, Any] | None = None) -> tuple[Path, FitResult]:
+              overrides: dict[str, Any] | None = None, max_seconds: float | None = None) -> tuple[Path, FitResult]:
     """Meta-train ``cfg`` into the run directory ``out``; evaluate, export and plot at the end.
 
     The folder is locked for the whole call (:class:`~pyro_meta.rundir.RunLock`): a second writer is
@@ -116,6 +116,12 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
         and ``overrides`` may change only :data:`RESUMABLE` settings; any other difference is an error.
         A stale ``eval.json`` is removed (the finished run writes a new one).
     :param stop_after: stop after this many steps (checkpointed), as an interruption would.
+    :param max_seconds: a training-time budget (equal-wall-time comparisons): stop after the first
+        step at which the run's training time reaches it (``fit``'s ``max_seconds``; a resumed run's
+        earlier time counts). ``cfg.steps`` is then a cap: a run stopped by its budget is finished at
+        the step it reached. Its ``config.json`` says ``steps`` = the steps done (the checkpoint, the
+        evaluation and :func:`finished_report` agree with it), and ``metrics.jsonl`` holds a
+        ``{"event": "time_budget", "max_seconds": ..., "steps_asked": ...}`` line.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -158,7 +164,10 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                      checkpoint_minutes=cfg.checkpoint_minutes, skip_nonfinite=cfg.skip_nonfinite,
                      skip_limit=cfg.skip_limit, progress=progress, stop_after=stop_after,
-                     lr_schedule=cfg.lr_schedule)
+                     lr_schedule=cfg.lr_schedule, max_seconds=max_seconds)
+        if result.out_of_time:  # the budget ends the run: the steps done are its steps
+            cfg = replace(cfg, steps=result.step)
+            write_config(out, cfg, bm)
         if finalize_run and result.step >= cfg.steps:
             finalize(out, cfg, learner, bm)
     return out, result
@@ -348,43 +357,58 @@ def finished_report(run_dir: Path, steps: int | None = None) -> dict[str, Any] |
     return report
 
 
-def _run_one(cfg_dict: dict[str, Any], out: str) -> dict[str, Any]:
-    """Worker of :func:`run_many`: one thread, skip finished runs, resume interrupted ones."""
+def _run_one(cfg_dict: dict[str, Any], out: str, max_seconds: float | None = None) -> dict[str, Any]:
+    """Worker of :func:`run_many`: one thread, skip finished runs, resume interrupted ones. With
+    ``max_seconds`` the run's ``steps`` is a cap (see :func:`train_run`): any finished run counts."""
     torch.set_num_threads(1)  # workers run side by side: one thread each, whatever the network
     cfg_dict = {**cfg_dict, "threads": cfg_dict.get("threads") or 1}
     out_p = Path(out)
-    done = finished_report(out_p, cfg_dict.get("steps"))
+    done = finished_report(out_p, cfg_dict.get("steps") if max_seconds is None else None)
     if done is not None:
         return done
     resume = (out_p / CHECKPOINT).exists()
     try:
         if resume:
             train_run(RunConfig(), out_p, resume=True, progress=False, overrides={"steps": cfg_dict["steps"]}
-                      if "steps" in cfg_dict else None)
+                      if "steps" in cfg_dict else None, max_seconds=max_seconds)
         else:
-            train_run(RunConfig.from_dict(cfg_dict), out_p, progress=False)
+            train_run(RunConfig.from_dict(cfg_dict), out_p, progress=False, max_seconds=max_seconds)
     except Exception as e:  # noqa: BLE001 - one failed configuration must not stop the others
         return {"error": f"{type(e).__name__}: {e}"}
     return json.loads((out_p / EVAL).read_text())
 
 
-def run_many(jobs: dict[str, dict[str, Any]], out: str | Path, workers: int = 2) -> dict[str, dict[str, Any]]:
+def _warm_imports() -> None:
+    """Import here what every worker would import on its own: torch's first optimizer imports
+    ``torch._dynamo`` (seconds), and forked workers inherit the modules of this process."""
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
+def run_many(jobs: dict[str, dict[str, Any]], out: str | Path, workers: int = 2,
+             max_seconds: dict[str, float] | None = None, verbose: bool = True) -> dict[str, dict[str, Any]]:
     """Train several configurations (``name -> RunConfig settings``) into ``out/<name>`` in parallel
     worker processes of one torch thread each; returns ``name -> eval.json`` (or ``{"error": ...}``).
-    Started again, it skips finished runs and resumes interrupted ones from their checkpoints."""
+    Started again, it skips finished runs and resumes interrupted ones from their checkpoints.
+
+    :param max_seconds: ``name -> training-time budget`` of the jobs that have one (their ``steps`` is
+        then a cap; :func:`train_run`).
+    :param verbose: a line on stderr as each run ends."""
     import sys
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
+    _warm_imports()
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        futs = {pool.submit(_run_one, cfg, str(out / name)): name for name, cfg in jobs.items()}
+        limits = max_seconds or {}
+        futs = {pool.submit(_run_one, cfg, str(out / name), limits.get(name)): name for name, cfg in jobs.items()}
         for fut in as_completed(futs):
             name = futs[fut]
             results[name] = fut.result()
             status = results[name].get("error", "done")
-            print(f"[{len(results)}/{len(jobs)}] {name}: {status}", file=sys.stderr, flush=True)
+            if verbose:
+                print(f"[{len(results)}/{len(jobs)}] {name}: {status}", file=sys.stderr, flush=True)
     return results
 
 

@@ -82,6 +82,7 @@ class FitResult:
     seconds: float
     last_loss: float
     history: list[dict[str, float]] = field(default_factory=list)
+    out_of_time: bool = False  # stopped by ``max_seconds`` before ``steps``
 
 
 def _rng_state(stream: Any) -> dict[str, Any]:
@@ -207,6 +208,7 @@ def fit(
     stop_after: int | None = None,
     lr_schedule: dict[str, Any] | str | None = None,
     check_first_step: bool = True,
+    max_seconds: float | None = None,
 ) -> FitResult:
     """Meta-train ``learner`` on meta-batches drawn from ``tasks`` with Adam on ``learner.loss``.
 
@@ -236,6 +238,11 @@ def fit(
         a miswired model fails at step 1 with the site named, not after an hour.
     :param stop_after: stop (with a checkpoint) after this many steps of this call, as an interruption
         would; for tests and time-sliced jobs.
+    :param max_seconds: a training-time budget: stop (with a checkpoint) after the first step at which
+        the run's training time (the checkpoint's ``seconds``: time in the training loop, earlier calls
+        of a resumed run included) reaches it. The result then has
+        ``out_of_time=True``, and ``metrics.jsonl`` a ``{"event": "time_budget", ...}`` line. A call
+        always does at least one step unless the budget was spent before it started.
     :raises NonFiniteError: a non-finite loss/gradient (unless skipped) or parameter; the message names
         the step, and the last checkpoint on disk is left as it was.
     :raises ModelCheckError: the first-step check found a miswired model or guide.
@@ -243,6 +250,9 @@ def fit(
         step boundary; its ``checkpoint`` attribute is the file written (``None`` without ``out_dir``).
     """
     _check_fit_args(steps, checkpoint_every, log_every, meta_lr, checkpoint_minutes, skip_limit)
+    if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and not isinstance(max_seconds, bool)
+                                        and math.isfinite(max_seconds) and max_seconds > 0):
+        raise ValueError(f"max_seconds must be a positive number of seconds or None, got {max_seconds!r}")
     if resume and out_dir is None:
         raise ValueError("resume needs out_dir")
     schedule = normalize_schedule(lr_schedule, steps)
@@ -250,14 +260,14 @@ def fit(
     if out_dir is None:
         return _fit(learner, tasks, steps, meta_lr, grad_clip, None, resume, run_config, device, log_every,
                     checkpoint_every, checkpoint_minutes, skip_nonfinite, skip_limit, progress, validate,
-                    stop_after, schedule, check_first_step)
+                    stop_after, schedule, check_first_step, max_seconds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, "train"):
         clean_temp_files(out)
         return _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, device, log_every,
                     checkpoint_every, checkpoint_minutes, skip_nonfinite, skip_limit, progress, validate,
-                    stop_after, schedule, check_first_step)
+                    stop_after, schedule, check_first_step, max_seconds)
 
 
 def _positive_int(name: str, v: Any) -> None:
@@ -280,7 +290,7 @@ def _check_fit_args(steps, checkpoint_every, log_every, meta_lr, checkpoint_minu
 
 def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, device, log_every,  # noqa: ANN001, ANN202, C901
          checkpoint_every, checkpoint_minutes, skip_nonfinite, skip_limit, progress, validate, stop_after,
-         schedule, check_first_step):
+         schedule, check_first_step, max_seconds=None):
     dev = resolve_device(device)
     learner.to(dev)
     params = [p for p in learner.parameters() if p.requires_grad]
@@ -366,11 +376,20 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
     learner.train()
     step_start_rng: dict[str, Any] | None = None
     checked = not check_first_step
+    out_of_time = False
     try:
         with pyro.validation_enabled(validate), interrupt:
             while step < steps:
                 if stop_after is not None and step - start_step >= stop_after:
                     break
+                if max_seconds is not None:
+                    spent = elapsed + (time.perf_counter() - t0 if step > start_step else 0.0)
+                    if spent >= max_seconds:
+                        out_of_time = True
+                        log({"step": step, "event": "time_budget", "max_seconds": max_seconds,
+                             "seconds": round(spent, 3), "steps_asked": steps})
+                        bar.write(f"time budget of {max_seconds:g} s reached at step {step} of {steps}")
+                        break
                 interrupt.check()
                 # where this step starts: restored if the step is cut off before its update
                 step_start_rng = _rng_state(tasks) if out is not None else None
@@ -449,7 +468,7 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
             log_file.close()
     elapsed += time.perf_counter() - t0
     save()
-    return FitResult(step, skipped, elapsed, last_loss, history)
+    return FitResult(step, skipped, elapsed, last_loss, history, out_of_time)
 
 
 def _limit_text(limit: float) -> str:

@@ -1,7 +1,9 @@
 """Pyro guides, one file per method."""
 
 from .abml import ABMLGuide, gaussian_kl
+from .amortized import AmortizedGuide
 from .maml import MAMLGuide
+from .platipus import PlatipusGuide, PlatipusPredictiveGuide
 from .versa import VERSAGuide, class_means
 
-__all__ = ["ABMLGuide", "MAMLGuide", "VERSAGuide", "class_means", "gaussian_kl"]
+__all__ = ["ABMLGuide", "AmortizedGuide", "MAMLGuide", "PlatipusGuide", "PlatipusPredictiveGuide", "VERSAGuide", "class_means", "gaussian_kl"]

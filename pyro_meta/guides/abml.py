@@ -13,8 +13,6 @@ negative, and the closed-form KL multiplies by tau instead of dividing by a vari
 
 from __future__ import annotations
 
-import math
-
 import pyro
 import pyro.distributions as dist
 import torch
@@ -27,6 +25,9 @@ from ..tasks import TaskBatch
 LOG_STD_MIN, LOG_STD_MAX = -15.0, 5.0
 PRECISION_FLOOR = 1e-6
 LOG_PRECISION_MAX = 40.0
+# natural inner step: the precision may shrink by at most this factor per step (an MC curvature
+# estimate can be negative)
+PRECISION_STEP_FLOOR = 0.1
 
 
 def gaussian_kl(mu: Tensor, log_std: Tensor, loc: Tensor, precision: Tensor,
@@ -40,7 +41,8 @@ def gaussian_kl(mu: Tensor, log_std: Tensor, loc: Tensor, precision: Tensor,
 
 class ABMLGuide(nn.Module):
     """:param model: an :class:`~pyro_meta.models.ABMLModel` (its ``net`` and ``likelihood``).
-    :param init_loc: initial prior mean ``[D]``; :param init_prior_std: initial prior std (scalar).
+    :param init_loc: initial prior mean ``[D]``; :param init_prior_std: initial prior std (a scalar, or
+        one per weight ``[D]``).
     :param inner_steps: K in meta-training; :param inner_steps_eval: K at evaluation.
     :param inner_lr: SGD step size on (mu, log std); the inner loss is the support ELBO divided by the
         number of support points, so the step size does not depend on the shot count.
@@ -51,28 +53,33 @@ class ABMLGuide(nn.Module):
         sigma^2 (Gaussian only), so a learned sigma does not shrink the steps in weight space as it
         grows. Plain SGD (False) is the paper's; True is this library's option.
     :param inner_step: ``"sgd"`` (the paper's): plain SGD on ``(mu, s)`` with step ``inner_lr``.
-        ``"natural"`` (this library's): the mean takes the natural-gradient step of a Gaussian,
-        ``mu <- mu - inner_lr * exp(2 s) * d(-ELBO)/d mu`` (the per-point loss's gradient times the
-        number of points), and ``s`` a plain step of ``inner_lr / 2`` on the per-point loss. The KL's pull
-        on the mean is then ``inner_lr * (mu - mu_theta)`` whatever the prior's scale (plain SGD
-        diverges once ``inner_lr * tau_theta / shots > 2``), and each weight moves in proportion to its
-        variance: a learned prior variance is a learned per-weight step size.
+        ``"natural"`` (this library's; the variational online-Newton idea of Khan et al., ICML 2018): a
+        natural-gradient step of size ``rho = inner_lr`` on q's precision ``lambda = exp(-2 s)``, then
+        on its mean with the new variance. With ``g_s, g_mu`` the gradients of the task's negative ELBO
+        (the per-point loss's times the number of points), ``g_s = var * (tau + H) - 1`` for a curvature
+        estimate ``H``, so ``lambda <- lambda * (1 + rho * g_s) = (1 - rho) lambda + rho (tau + H)``
+        (the factor floored at :data:`PRECISION_STEP_FLOOR`, and ``lambda`` at ``tau``: a Gauss-Newton
+        curvature is never negative, a one-sample estimate often is) and ``mu <- mu - rho * var_new * g_mu``.
+        The mean's step is then at most a Newton step, whatever the prior's or the data's scale (plain
+        SGD diverges once ``inner_lr * tau / shots > 2``); with a Gaussian likelihood linear in the
+        weights and ``rho = 1`` one step lands on the exact posterior.
     :param objective: ``"joint"``: in training (``self.training`` and query labels given) q conditions on
         support + query; otherwise (and always at evaluation) on the support set alone.
     """
 
-    def __init__(self, model: WeightSpaceModel, init_loc: Tensor, init_prior_std: float = 0.1,
+    def __init__(self, model: WeightSpaceModel, init_loc: Tensor, init_prior_std: float | Tensor = 0.1,
                  inner_steps: int = 5, inner_steps_eval: int = 5, inner_lr: float = 0.01,
                  inner_samples: int = 1, kl_weight_inner: float = 1.0, first_order: bool = False,
                  noise_scaled_lr: bool = False, objective: str = "paper", inner_step: str = "sgd"):
         super().__init__()
-        if not init_prior_std > 0:
+        std = torch.as_tensor(init_prior_std, dtype=init_loc.dtype)
+        if not bool((std > 0).all()):
             raise ValueError(f"init_prior_std must be positive, got {init_prior_std}")
         # a reference, not a submodule: the model's parameters belong to the model alone
         object.__setattr__(self, "model", model)
         self.loc = nn.Parameter(init_loc.clone())
         # log-precision: Adam's steps are then relative changes of the precision, at any scale
-        self.log_precision = nn.Parameter(torch.full_like(init_loc, -2.0 * math.log(init_prior_std)))
+        self.log_precision = nn.Parameter((-2.0 * torch.log(std)).expand_as(init_loc).clone())
         self.inner_steps, self.inner_steps_eval, self.inner_lr = inner_steps, inner_steps_eval, inner_lr
         self.inner_samples, self.kl_weight_inner, self.first_order = inner_samples, kl_weight_inner, first_order
         if inner_step not in ("sgd", "natural"):
@@ -122,9 +129,12 @@ class ABMLGuide(nn.Module):
             n = x.shape[1]
 
             def update(cur, grads):
-                (m, s), (gm, gs) = cur, grads
-                var = torch.exp(2 * s.clamp(LOG_STD_MIN, LOG_STD_MAX))
-                return m - (lr * n) * var * gm, s - (0.5 * lr) * gs
+                (m, s), (gm, gs) = cur, grads  # gradients of the per-point loss: x n for the task's
+                factor = (1 + lr * n * gs).clamp(min=PRECISION_STEP_FLOOR)  # lambda_new / lambda
+                # lambda >= tau: a Gauss-Newton curvature is >= 0, so q is never wider than the prior
+                s_new = torch.minimum(s - 0.5 * torch.log(factor), s0)
+                var = torch.exp(2 * s_new.clamp(LOG_STD_MIN, LOG_STD_MAX))
+                return m - (lr * n) * var * gm, s_new
 
         return sgd_adapt(lambda m, s: self.support_loss(m, s, x, y, loc, prec, log_prec), (mu0, s0), steps,
                          lr, self.first_order, update=update)

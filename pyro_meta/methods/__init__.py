@@ -15,17 +15,18 @@ from ..schedule import normalize_schedule
 from ..tasks import BENCHMARKS, CLASSIFICATION_BENCHMARKS, all_benchmarks, is_known_benchmark
 from ..tasks.custom import custom_family
 from ..threads import default_threads
-from . import abml, maml, versa
+from . import abml, amortized, maml, platipus, versa
 from .common import MethodInfo, make_net
 
 # the registry: one line per method
-METHODS: dict[str, MethodInfo] = {r.name: r for r in (maml.RECIPE, abml.RECIPE, versa.RECIPE)}
+METHODS: dict[str, MethodInfo] = {r.name: r for r in (maml.RECIPE, abml.RECIPE, versa.RECIPE, platipus.RECIPE, amortized.RECIPE)}
 
 # Settings whose meaning and default depend on the method.
 METHOD_FIELDS = ("inner_steps", "inner_steps_eval", "inner_lr", "noise_std", "learn_noise",
                  "prior_init_std", "inner_samples", "kl_weight_inner", "kl_weight_outer", "noise_scaled_lr",
                  "objective", "train_samples", "local_reparam", "eval_samples", "kl_estimator", "gamma_init",
-                 "encoder_hidden", "amortize", "learned_prior")
+                 "encoder_hidden", "amortize", "learned_prior", "inner_step",
+                 "hyperprior_weight", "prior_init_std_hidden")
 # Settings that only classification benchmarks (images) have.
 CLASSIFICATION_FIELDS = ("ways", "data_root", "split", "filters", "downsample", "batch_norm")
 

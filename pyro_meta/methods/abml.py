@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from ..config import RunConfig
@@ -42,9 +43,21 @@ def objective_for(cfg: RunConfig):  # noqa: ANN201 - a Pyro ELBO
     return Trace_ELBO(**kw)
 
 
+def initial_prior_std(cfg: RunConfig, net: FunctionalNet) -> float | torch.Tensor:
+    """``prior_init_std`` for every weight, or, with ``prior_init_std_hidden``, that for all but the last
+    layer (the last two entries of the net's layout: its weight and bias) ``[D]``."""
+    if cfg.prior_init_std_hidden is None:
+        return cfg.prior_init_std
+    std = torch.full((net.num_params,), float(cfg.prior_init_std_hidden))
+    head_start = net.spec.offsets[list(net.spec.shapes)[-2]][0]
+    std[head_start:] = cfg.prior_init_std
+    return std
+
+
 def build(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
-    model = ABMLModel(net, make_likelihood(cfg), kl_weight=cfg.kl_weight_outer, objective=cfg.objective)
-    guide = ABMLGuide(model, init_weights(net, cfg.seed), cfg.prior_init_std, cfg.inner_steps,
+    model = ABMLModel(net, make_likelihood(cfg), kl_weight=cfg.kl_weight_outer, objective=cfg.objective,
+                      hyperprior_weight=cfg.hyperprior_weight)
+    guide = ABMLGuide(model, init_weights(net, cfg.seed), initial_prior_std(cfg, net), cfg.inner_steps,
                       cfg.inner_steps_eval, cfg.inner_lr, cfg.inner_samples, cfg.kl_weight_inner,
                       cfg.first_order, cfg.noise_scaled_lr, objective=cfg.objective,
                       inner_step=cfg.inner_step)
@@ -90,14 +103,16 @@ def defaults(benchmark: str, ways: int | None, shots: int) -> dict[str, Any]:
         # stay below 2 for the inner mean update to be stable (0.05 * 100 / 5 = 1 at 5-way 1-shot).
         return {"inner_steps": 5, "inner_steps_eval": 10, "inner_lr": 0.05, "prior_init_std": 0.1,
                 "inner_samples": 1, "kl_weight_inner": 1.0, "kl_weight_outer": 1.0, "eval_samples": 10,
-                "objective": "paper", "kl_estimator": "mc", "train_samples": 1, "inner_step": "sgd"}
+                "objective": "paper", "kl_estimator": "mc", "train_samples": 1, "inner_step": "sgd",
+                "hyperprior_weight": 1.0, "prior_init_std_hidden": None}
     # Observation noise: fixed at MAML's 1/sqrt(2) so both methods share one likelihood. A learned
     # noise (learn_noise=true) grew to ~1.6 on sinusoids and absorbed the misfit, and q stopped
     # moving away from the prior (README, "Protocol choices").
     return {"inner_steps": 5, "inner_steps_eval": 5, "inner_lr": 0.01, "noise_std": MSE_NOISE_STD,
             "learn_noise": False, "prior_init_std": 0.1, "inner_samples": 1, "kl_weight_inner": 1.0,
             "kl_weight_outer": 1.0, "noise_scaled_lr": False, "eval_samples": 100, "objective": "paper",
-            "kl_estimator": "mc", "train_samples": 1, "inner_step": "sgd"}
+            "kl_estimator": "mc", "train_samples": 1, "inner_step": "sgd",
+                "hyperprior_weight": 1.0, "prior_init_std_hidden": None}
 
 
 RECIPE = MethodInfo(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 
 from ..likelihoods import Likelihood
 from ..nn import FunctionalNet
@@ -38,13 +39,19 @@ _SCORED = {"paper": "support+query", "support": "support", "joint": "support+que
 class ABMLModel(WeightSpaceModel):
     """:param net: task network; :param likelihood: observation model;
     :param kl_weight: weight of the outer KL term (1 = the paper's ELBO);
-    :param objective: one of :data:`ABML_OBJECTIVES` (the guide must use the same)."""
+    :param objective: one of :data:`ABML_OBJECTIVES` (the guide must use the same).
+    :param hyperprior_weight: ``w``, the scale of ``log p(theta)`` in one meta-batch's objective (which is
+        divided by the ``T`` tasks with the rest). ``1`` counts the hyperprior once per meta-batch, as if
+        the ``T`` tasks were the whole data set; the whole-data objective ``sum_t ELBO_t + log p(theta)``
+        over ``M`` training tasks needs ``w = T / M`` (``1 / steps`` for a stream that draws
+        ``T x steps`` tasks)."""
 
-    def __init__(self, net: FunctionalNet, likelihood: Likelihood, kl_weight: float = 1.0, objective: str = "paper"):
+    def __init__(self, net: FunctionalNet, likelihood: Likelihood, kl_weight: float = 1.0, objective: str = "paper",
+                 hyperprior_weight: float = 1.0):
         if objective not in ABML_OBJECTIVES:
             raise ValueError(f"objective must be one of {ABML_OBJECTIVES}, got {objective!r}")
         super().__init__(net, likelihood, score=_SCORED[objective], kl_weight=kl_weight)
-        self.objective = objective
+        self.objective, self.hyperprior_weight = objective, hyperprior_weight
 
     def hyperprior(self, like: torch.Tensor) -> tuple[dist.Distribution, dist.Distribution]:
         d = self.net.num_params
@@ -56,7 +63,8 @@ class ABMLModel(WeightSpaceModel):
 
     def phi_prior(self, batch: TaskBatch) -> dist.Distribution:
         loc_prior, prec_prior = self.hyperprior(batch.x_support)
-        loc = pyro.sample("prior_loc", loc_prior)  # [..., D]
-        precision = pyro.sample("prior_precision", prec_prior)  # [..., D]
+        with poutine.scale(scale=self.hyperprior_weight):
+            loc = pyro.sample("prior_loc", loc_prior)  # [..., D]
+            precision = pyro.sample("prior_precision", prec_prior)  # [..., D]
         # batch shape [] (or [S, 1, 1] under an outer samples plate) broadcasts over the tasks plate
         return dist.Normal(loc, precision.rsqrt()).to_event(1)
