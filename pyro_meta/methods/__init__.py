@@ -105,6 +105,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if cfg.threads is None:
         updates["threads"] = default_threads("conv4" if classification else "mlp")
     out = replace(cfg, **updates)
+    if info.dependent is not None:
+        out = replace(out, **{k: v for k, v in info.dependent(out).items() if getattr(out, k) is None})
     out = replace(out, lr_schedule=normalize_schedule(out.lr_schedule, out.steps))
     out.check()
     return out

@@ -33,6 +33,9 @@ class MethodInfo:
     :param objectives: the values ``objective`` may take for this method (empty: it has none).
     :param network: ``"task"`` (the whole task network is per-task, a ``ways``-wide head on images) or
         ``"features"`` (a shared feature extractor with no head, as in VERSA).
+    :param dependent: ``dependent(cfg) -> {setting: value}``, run on the config with every other default
+        filled in: defaults that depend on other settings (ABML's hyperprior weight on ``steps``). It
+        only fills settings that are still ``None``.
     """
 
     name: str
@@ -43,6 +46,7 @@ class MethodInfo:
     benchmarks: tuple[str, ...]
     objectives: tuple[str, ...] = field(default=())
     network: str = "task"
+    dependent: Callable[[RunConfig], dict[str, Any]] | None = None
 
 
 def is_classification(cfg: RunConfig) -> bool:
