@@ -22,48 +22,37 @@ import torch
 from pyro_meta.run import run_many
 
 # name -> RunConfig overrides of ABML's defaults ("maml": the baseline, MAML's defaults)
+# The paper's protocol as this library ran it before issue 9 (plain SGD inner loop, prior std 0.1 at
+# initialization, fixed noise 1/sqrt(2), one Monte Carlo draw, hyperprior counted once per meta-batch,
+# 5 inner steps at test); each variant changes what its name says.
+PAPER = {"objective": "paper", "train_samples": 1, "hyperprior_weight": 1.0, "inner_steps_eval": 5,
+         "inner_step": "sgd", "prior_init_std": 0.1, "learn_noise": False, "kl_estimator": "mc"}
+# objective "predictive" with the hyperprior counted once over the run (1 / 2000 steps)
+PRED = {**PAPER, "objective": "predictive", "train_samples": 10, "hyperprior_weight": 0.0005}
+
+# name -> RunConfig overrides of ABML's defaults ("maml": the baseline, MAML's defaults)
 VARIANTS: dict[str, dict] = {
     "maml": {"method": "maml"},
-    "paper": {"objective": "paper", "prior_init_std": 0.1, "kl_estimator": "mc", "learn_noise": False},
-    "joint": {"objective": "joint", "prior_init_std": 0.1, "kl_estimator": "mc", "learn_noise": False},
-    "support": {"objective": "support", "prior_init_std": 0.1, "kl_estimator": "mc", "learn_noise": False},
-    "paper-init0.01": {"objective": "paper", "prior_init_std": 0.01, "learn_noise": False},
-    "paper-analytic": {"objective": "paper", "kl_estimator": "analytic", "learn_noise": False},
-    "paper-5samples": {"objective": "paper", "inner_samples": 5, "learn_noise": False},
-    "paper-noise": {"objective": "paper", "learn_noise": True, "noise_std": 0.3},
-    "paper-nokl-inner": {"objective": "paper", "kl_weight_inner": 0.0, "learn_noise": False},
-    "predictive": {"objective": "predictive", "train_samples": 10, "learn_noise": False},
-    "predictive-noise": {"objective": "predictive", "train_samples": 10, "learn_noise": True, "noise_std": 0.3},
-    "predictive-init0.05": {"objective": "predictive", "train_samples": 10, "prior_init_std": 0.05,
-                            "learn_noise": False},
-    "paper-init0.05": {"objective": "paper", "prior_init_std": 0.05, "learn_noise": False},
-    "paper-hyper": {"objective": "paper", "hyperprior_weight": 0.0005, "learn_noise": False},
-    "predictive-hyper": {"objective": "predictive", "train_samples": 10, "hyperprior_weight": 0.0005,
-                         "learn_noise": False},
-    "natural-layers-hyper": {"objective": "predictive", "train_samples": 10, "hyperprior_weight": 0.0005,
-                             "inner_step": "natural", "inner_lr": 0.5, "prior_init_std_hidden": 0.01,
-                             "learn_noise": False},
-    "natural-0.06": {"objective": "predictive", "train_samples": 10, "hyperprior_weight": 0.0005,
-                     "inner_step": "natural", "inner_lr": 0.5, "prior_init_std": 0.06, "inner_steps_eval": 10,
-                     "learn_noise": False},
-    "natural-layers-0.03": {"objective": "predictive", "train_samples": 10, "hyperprior_weight": 0.0005,
-                            "inner_step": "natural", "inner_lr": 0.5, "prior_init_std_hidden": 0.03,
-                            "inner_steps_eval": 10, "learn_noise": False},
-    "predictive-hyper-0.05": {"objective": "predictive", "train_samples": 10, "hyperprior_weight": 0.0005,
-                              "prior_init_std": 0.05, "learn_noise": False},
-    "predictive-hyper-nokl": {"objective": "predictive", "train_samples": 10, "hyperprior_weight": 0.0005,
-                              "kl_weight_inner": 0.0, "learn_noise": False},
-    "predictive-hyper-noise": {"objective": "predictive", "train_samples": 10, "hyperprior_weight": 0.0005,
-                               "learn_noise": True, "noise_std": 0.7071, "noise_scaled_lr": True},
-    "joint-hyper": {"objective": "joint", "hyperprior_weight": 0.0005, "learn_noise": False},
-    "natural": {"objective": "paper", "inner_step": "natural", "inner_lr": 0.5, "learn_noise": False},
-    "natural-init0.01": {"objective": "paper", "inner_step": "natural", "inner_lr": 0.5, "prior_init_std": 0.01,
-                         "learn_noise": False},
-    "natural-predictive": {"objective": "predictive", "train_samples": 10, "inner_step": "natural",
-                           "inner_lr": 0.5, "learn_noise": False},
-    "natural-joint": {"objective": "joint", "inner_step": "natural", "inner_lr": 0.5, "learn_noise": False},
-    "natural-predictive-noise": {"objective": "predictive", "train_samples": 10, "inner_step": "natural",
-                                 "inner_lr": 0.5, "learn_noise": True, "noise_std": 0.3},
+    "paper": PAPER,
+    "paper-init0.01": {**PAPER, "prior_init_std": 0.01},
+    "paper-nokl-inner": {**PAPER, "kl_weight_inner": 0.0},
+    "paper-analytic": {**PAPER, "kl_estimator": "analytic"},
+    "joint": {**PAPER, "objective": "joint"},
+    "support": {**PAPER, "objective": "support"},
+    "predictive": {**PAPER, "objective": "predictive", "train_samples": 10},
+    "natural": {**PAPER, "inner_step": "natural", "inner_lr": 0.5},
+    "paper-hyper": {**PAPER, "hyperprior_weight": 0.0005},
+    "joint-hyper": {**PAPER, "objective": "joint", "hyperprior_weight": 0.0005},
+    "predictive-hyper": PRED,
+    "predictive-hyper-0.05": {**PRED, "prior_init_std": 0.05},
+    "predictive-hyper-nokl": {**PRED, "kl_weight_inner": 0.0},
+    "predictive-hyper-noise": {**PRED, "learn_noise": True, "noise_std": 0.7071, "noise_scaled_lr": True},
+    "natural-layers-hyper": {**PRED, "inner_step": "natural", "inner_lr": 0.5, "prior_init_std_hidden": 0.01},
+    "natural-0.06": {**PRED, "inner_step": "natural", "inner_lr": 0.5, "prior_init_std": 0.06,
+                     "inner_steps_eval": 10},
+    "natural-layers-0.03": {**PRED, "inner_step": "natural", "inner_lr": 0.5, "prior_init_std_hidden": 0.03,
+                            "inner_steps_eval": 10},
+    "defaults": {},
 }
 
 

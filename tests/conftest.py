@@ -29,3 +29,19 @@ def assert_close(actual, expected, rtol: float = 1e-6, atol: float = 0.0, msg: s
     actual = torch.as_tensor(actual, dtype=torch.float64)
     expected = torch.as_tensor(expected, dtype=torch.float64)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{msg}\n{m}" if msg else m)
+
+
+def central_differences(loss_fn, param: torch.Tensor, idx: list[int], eps: float = 1e-6) -> torch.Tensor:
+    """``d loss_fn() / d param.view(-1)[i]`` for ``i in idx`` by central differences, float64; ``loss_fn``
+    must redraw the same randomness on every call (reseed inside it)."""
+    flat = param.data.view(-1)
+    out = []
+    for i in idx:
+        old = flat[i].item()
+        flat[i] = old + eps
+        up = float(loss_fn())
+        flat[i] = old - eps
+        down = float(loss_fn())
+        flat[i] = old
+        out.append((up - down) / (2 * eps))
+    return torch.tensor(out, dtype=torch.float64)

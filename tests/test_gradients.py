@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, central_differences
 
 from pyro_meta.config import RunConfig
 from pyro_meta.infer import sgd_adapt
@@ -29,17 +29,7 @@ def _loss(learner, batch, seed=7):
 
 
 def _fd_grad(learner, batch, param: torch.nn.Parameter, idx: list[int]) -> torch.Tensor:
-    out = []
-    flat = param.data.view(-1)
-    for i in idx:
-        old = flat[i].item()
-        flat[i] = old + EPS
-        up = _loss(learner, batch).item()
-        flat[i] = old - EPS
-        down = _loss(learner, batch).item()
-        flat[i] = old
-        out.append((up - down) / (2 * EPS))
-    return torch.tensor(out, dtype=torch.float64)
+    return central_differences(lambda: _loss(learner, batch), param, idx, EPS)
 
 
 def _autograd(learner, batch, param):

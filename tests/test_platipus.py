@@ -10,7 +10,7 @@ import warnings
 import pyro
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, central_differences
 
 from pyro_meta import TaskBatch
 from pyro_meta.checks import ModelCheckWarning, check_learner
@@ -53,17 +53,7 @@ def _autograd(learner, batch, name):
 
 
 def _fd_grad(learner, batch, name, idx):
-    flat = dict(learner.named_parameters())[name].data.view(-1)
-    out = []
-    for i in idx:
-        old = flat[i].item()
-        flat[i] = old + EPS
-        up = _loss(learner, batch).item()
-        flat[i] = old - EPS
-        down = _loss(learner, batch).item()
-        flat[i] = old
-        out.append((up - down) / (2 * EPS))
-    return torch.tensor(out, dtype=torch.float64)
+    return central_differences(lambda: _loss(learner, batch), dict(learner.named_parameters())[name], idx, EPS)
 
 
 @pytest.mark.parametrize("kl_estimator", ["analytic", "mc"])

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..infer import sgd_adapt
-from ..models.base import TASK_DIM, WeightSpaceModel, tasks_plate
+from ..models.base import TASK_DIM, WeightSpaceModel, conditioning_set, tasks_plate
 from ..tasks import TaskBatch
 
 LOG_STD_MIN, LOG_STD_MAX = -15.0, 5.0
@@ -104,9 +104,7 @@ class ABMLGuide(nn.Module):
     def conditioning_set(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """``(x, y)`` that q conditions on: the support set; with objective ``"joint"`` in training, support
         and query together."""
-        if self.objective == "joint" and self.training and batch.y_query is not None:
-            return torch.cat([batch.x_support, batch.x_query], 1), torch.cat([batch.y_support, batch.y_query], 1)
-        return batch.x_support, batch.y_support
+        return conditioning_set(batch, self.objective == "joint" and self.training)
 
     def adapt(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """``(mu, log_std)`` of each task's q, ``[T, 1, D]`` each."""

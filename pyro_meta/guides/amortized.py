@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models.amortized import LOG_STD_MIN, AmortizedModel
-from ..models.base import tasks_plate
+from ..models.base import conditioning_set, tasks_plate
 from ..tasks import TaskBatch
 
 HEAD_INIT_SCALE = 0.1  # the output heads' initial weights, times torch's default initialization
@@ -74,9 +74,7 @@ class AmortizedGuide(nn.Module):
     def conditioning_set(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """``(x, y)`` that q conditions on: the support set; with objective ``"joint"`` in training, support
         and query together."""
-        if self.objective == "joint" and self.training and batch.y_query is not None:
-            return torch.cat([batch.x_support, batch.x_query], 1), torch.cat([batch.y_support, batch.y_query], 1)
-        return batch.x_support, batch.y_support
+        return conditioning_set(batch, self.objective == "joint" and self.training)
 
     def posterior(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """``(loc, scale)`` of each task's q, ``[T, 1, D_phi]`` each."""

@@ -29,6 +29,14 @@ def tasks_plate(num_tasks: int) -> pyro.plate:
     return pyro.plate("tasks", num_tasks, dim=TASK_DIM)
 
 
+def conditioning_set(batch: TaskBatch, with_query: bool) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` a guide conditions on: the support set, or with ``with_query`` (a training-time guide
+    of a joint objective, when the labels are there) support and query together, ``[T, S (+ Q), ...]``."""
+    if with_query and batch.y_query is not None:
+        return torch.cat([batch.x_support, batch.x_query], 1), torch.cat([batch.y_support, batch.y_query], 1)
+    return batch.x_support, batch.y_support
+
+
 def observe(name: str, likelihood: Likelihood, f: Tensor, y: Tensor | None, mean: bool = False) -> Tensor:
     """Observation site ``name``: ``y ~ likelihood(f)`` with one factor per point.
 
