@@ -8,7 +8,7 @@ method sees the same training meta-batches and the same 600 fixed test tasks. Sc
 NLL, held-out log predictive density, 50%/90% coverage, the regression calibration curve and its
 mean absolute gap, training wall time and tasks/s. The README's table comes from (2 CPU cores):
 
-    python experiments/scoreboard.py --budget 0.02 --workers 2 --out runs/scoreboard
+    python experiments/scoreboard.py --steps 1500 --workers 2 --out runs/scoreboard   # 38 min
 
 Writes ``<out>/scoreboard.md`` (printed too), ``scoreboard.json``, ``ambiguous_tasks.png`` (each
 method's posterior on the same 1- and 2-shot sinusoid_line tasks) and ``calibration.png``; each run
