@@ -41,7 +41,8 @@ SCHEDULE_FLAGS = {"lr_schedule": "name", "lr_warmup": "warmup_steps", "lr_gamma"
                   "lr_min_factor": "min_factor", "lr_total_steps": "total_steps"}
 
 # The demo's budget: small enough for 2 CPU cores in under 5 minutes, large enough to learn.
-DEMO_STEPS = {"maml": 3000, "abml": 2000}
+DEMO_STEPS = {"maml": 3000, "abml": 2000, "platipus": 2000}
+DEMO_PLOT = "demo_predictive.png"
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, default=None,
                    help="where to put them (default: the per-user cache directory)")
     p.add_argument("--url", default=None, help="base URL to fetch from (default: the canonical one)")
-    p = sub.add_parser("demo", help="MAML vs ABML on 5-shot sinusoid regression, a few minutes on a CPU")
+    p = sub.add_parser("demo", help="MAML vs ABML vs PLATIPUS on 5-shot sinusoid regression, a few minutes on a CPU")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale the demo's step budget")
     p.add_argument("--test-tasks", type=int, default=600, help="fixed test tasks to evaluate on (600)")
@@ -298,7 +299,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg, learner, bm = load_run(out)
         learners.append((method, learner, max(cfg.eval_samples, 1)))
         reports.append(json.loads((out / "eval.json").read_text()))
-    plot = plot_regression_tasks(learners, bm.test, bm.family, args.out / "maml_vs_abml.png")
+    plot = plot_regression_tasks(learners, bm.test, bm.family, args.out / DEMO_PLOT)
     print(f"\n5-shot sinusoid, {reports[0]['num_test_tasks']} fixed test tasks x {reports[0]['eval_queries']} "
           f"query points (mean +- 95% CI over tasks):")
     print(format_metrics_table(reports))

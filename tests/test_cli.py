@@ -179,7 +179,7 @@ def test_resume_with_more_steps(trained, tmp_path):
 def _demo_table(stdout: str) -> dict[str, str]:
     rows = {}
     for line in stdout.splitlines():
-        m = re.match(r"^(maml|abml)\s+5\s+(.*)$", line)
+        m = re.match(r"^(maml|abml|platipus)\s+5\s+(.*)$", line)
         if m:
             rows[m.group(1)] = m.group(2)
     return rows
@@ -191,14 +191,15 @@ def test_demo_with_a_small_budget(tmp_path):
     r = pyro_meta("demo", "--steps-scale", 0.005, "--test-tasks", 20, "--out", out, "--no-progress",
                   cwd=tmp_path)
     rows = _demo_table(r.stdout)
-    assert set(rows) == {"maml", "abml"}, r.stdout
+    assert set(rows) == {"maml", "abml", "platipus"}, r.stdout
     for cells in rows.values():
         assert len(re.findall(r"[-\d.]+ \+-\s*[\d.]+", cells)) == 5  # mse, nll, coverage50, coverage90, held-out lpd per point
     assert "20 fixed test tasks" in r.stdout and "demo finished" in r.stdout
-    assert_png(out / "maml_vs_abml.png")
-    # DEMO_STEPS scaled by 0.005: maml 3000 -> 15, abml 2000 -> 10
+    assert_png(out / "demo_predictive.png")
+    # DEMO_STEPS scaled by 0.005: maml 3000 -> 15, abml and platipus 2000 -> 10
     assert load_checkpoint(out / "maml" / "checkpoint.pt")["step"] == 15
     assert load_checkpoint(out / "abml" / "checkpoint.pt")["step"] == 10
+    assert load_checkpoint(out / "platipus" / "checkpoint.pt")["step"] == 10
 
 
 def test_demo_refuses_a_different_run_in_its_folder(tmp_path):
@@ -219,8 +220,8 @@ def test_demo_from_scratch(tmp_path):
     evaluation on 600 test tasks (and its plots) dominates, so it is in the slow suite."""
     out = tmp_path / "demo"
     r = pyro_meta("demo", "--steps-scale", 0.005, "--out", out, "--no-progress", cwd=tmp_path)
-    assert set(_demo_table(r.stdout)) == {"maml", "abml"}, r.stdout
+    assert set(_demo_table(r.stdout)) == {"maml", "abml", "platipus"}, r.stdout
     assert "600 fixed test tasks" in r.stdout
-    assert_png(out / "maml_vs_abml.png")
-    for method in ("maml", "abml"):
+    assert_png(out / "demo_predictive.png")
+    for method in ("maml", "abml", "platipus"):
         assert (out / method / "eval.json").is_file()
