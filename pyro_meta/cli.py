@@ -67,8 +67,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=S, help="omniglot class split: vinyals (default) or lake")
     p.add_argument("--batch-norm", dest="batch_norm", default=S, help="conv4 batch norm: task (default) or none")
     p.add_argument("--objective", default=S,
-                   help="the training objective; VERSA: ml-pip (default, the paper's) or elbo; ABML: paper "
-                        "(default), support or joint; see `pyro-meta list` and the README")
+                   help="the training objective; VERSA: ml-pip (default, the paper's) or elbo; ABML: predictive "
+                        "(default), paper, joint or support; amortized: joint (default) or query; see "
+                        "`pyro-meta list` and the README")
     p.add_argument("--kl-estimator", dest="kl_estimator", choices=["mc", "analytic"], default=S,
                    help="KL term of the objective: mc (one sample, Trace_ELBO) or analytic (TraceMeanField_ELBO)")
     p.add_argument("--train-samples", dest="train_samples", type=int, default=S,
