@@ -249,23 +249,23 @@ def predictive_quantile(pred: Prediction, p: float) -> Tensor:
     return torch.quantile(pred.y_draws.float(), p, dim=0)
 
 
+def interval_coverages(pred: Prediction, y: Tensor, levels: Sequence[float] = M.CALIBRATION_LEVELS) -> Tensor:
+    """``[L, T]``: each task's fraction of query points ``y [T, Q, O]`` inside the central interval of the
+    predictive mixture at each nominal level, between the mixture's exact quantiles (those of
+    :func:`predictive_quantile`). For a Gaussian ``p(y | phi)`` the test is made through the mixture's
+    CDF at ``y`` (``|2 F(y) - 1| <= level``: the same intervals, without a bisection per level);
+    otherwise each level's interval comes from :func:`predictive_quantile` of the draws."""
+    if pred.gaussian:
+        return M.pit_coverage(M.gaussian_mixture_cdf(y, pred.mean, pred.stddev), levels)  # L T
+    return torch.stack([M.interval_coverage(y, predictive_quantile(pred, (1 - a) / 2),
+                                            predictive_quantile(pred, (1 + a) / 2)) for a in levels])
+
+
 def predictive_calibration(pred: Prediction, y: Tensor,
                            levels: Sequence[float] = M.CALIBRATION_LEVELS) -> dict[str, Any]:
     """The regression calibration curve (:func:`pyro_meta.metrics.calibration_curve`) of the
-    predictive mixture on ``y [T, Q, O]``: at each nominal level, the fraction of query points inside
-    the central interval between the mixture's exact quantiles (those of :func:`predictive_quantile`).
-
-    For a Gaussian ``p(y | phi)`` the interval test is made through the mixture's CDF at ``y``
-    (``|2 F(y) - 1| <= level``, the same intervals without a bisection per level); otherwise each
-    level's interval comes from :func:`predictive_quantile` of the draws.
-    """
-    if pred.gaussian:
-        pit = M.gaussian_mixture_cdf(y, pred.mean, pred.stddev)  # T Q O
-        coverage = M.pit_coverage(pit, levels)  # L T
-    else:
-        coverage = torch.stack([M.interval_coverage(y, predictive_quantile(pred, (1 - a) / 2),
-                                                    predictive_quantile(pred, (1 + a) / 2)) for a in levels])
-    return M.calibration_curve(coverage, levels)
+    predictive mixture on ``y [T, Q, O]`` (:func:`interval_coverages` at each level)."""
+    return M.calibration_curve(interval_coverages(pred, y, levels), levels)
 
 
 def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str, float]]:
@@ -281,12 +281,12 @@ def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str
         "mse": M.mean_ci(M.squared_error(pred.mean.mean(0), y)),
         "nll": M.mean_ci(M.mixture_nll(_points(pred.log_lik))),
     }
+    levels = M.CALIBRATION_LEVELS
+    coverage = interval_coverages(pred, y, levels)  # L T, once for the curve and the 50%/90% columns
     for level in (0.5, 0.9):
-        lo = predictive_quantile(pred, (1 - level) / 2)
-        hi = predictive_quantile(pred, (1 + level) / 2)
-        out[f"coverage{int(level * 100)}"] = M.mean_ci(M.interval_coverage(y, lo, hi))
+        out[f"coverage{int(level * 100)}"] = M.mean_ci(coverage[levels.index(level)])
     out["heldout_lpd"] = M.heldout_lpd(_points(pred.log_lik))
-    out["calibration"] = predictive_calibration(pred, y)
+    out["calibration"] = M.calibration_curve(coverage, levels)
     out["nonfinite_tasks"] = {"count": bad, "of": batch.num_tasks}
     return out
 

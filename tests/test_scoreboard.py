@@ -15,7 +15,13 @@ from test_experiments import _run
 from pyro_meta import metrics as M
 from pyro_meta.compare import run_scoreboard
 from pyro_meta.config import RunConfig
-from pyro_meta.evaluate import Prediction, predictive_calibration, regression_metrics
+from pyro_meta.evaluate import (
+    Prediction,
+    interval_coverages,
+    predictive_calibration,
+    predictive_quantile,
+    regression_metrics,
+)
 from pyro_meta.run import _run_one, finished_report, train_run
 from pyro_meta.tasks import TaskBatch
 from pyro_meta.train import fit, load_checkpoint
@@ -82,6 +88,20 @@ def test_calibration_curve_averages_tasks_and_checks_shapes():
     # inside the central interval at level a when |2u - 1| <= a
     pit = torch.tensor([[[0.5], [0.75]]])  # T=1 Q=2: |2u - 1| = 0 and 0.5
     assert_close(M.pit_coverage(pit, (0.4, 0.5)), [[0.5], [1.0]], rtol=0, atol=0)
+
+
+def test_the_cdf_shortcut_equals_the_bisected_quantiles():
+    """For a Gaussian mixture the coverage from the CDF at y (``|2 F(y) - 1| <= a``) is the coverage
+    between the mixture's bisected quantiles (:func:`predictive_quantile`), at every level."""
+    g = torch.Generator().manual_seed(2)
+    s, t, q = 6, 8, 50
+    loc = torch.randn(s, t, 1, 1, generator=g).expand(s, t, q, 1).double()
+    scale = (0.3 + torch.rand(s, t, 1, 1, generator=g)).expand(s, t, q, 1).double()
+    y = torch.randn(t, q, 1, generator=g).double()
+    pred = _gaussian_prediction(loc, scale, y)
+    bisected = torch.stack([M.interval_coverage(y, predictive_quantile(pred, (1 - a) / 2),
+                                                predictive_quantile(pred, (1 + a) / 2)) for a in M.CALIBRATION_LEVELS])
+    assert_close(interval_coverages(pred, y), bisected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("gaussian", [True, False])

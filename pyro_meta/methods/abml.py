@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from ..config import RunConfig
 from ..guides import ABMLGuide
@@ -15,7 +14,15 @@ from ..learner import MetaLearner
 from ..models import ABML_OBJECTIVES, MSE_NOISE_STD, ABMLModel
 from ..nn import FunctionalNet
 from ..tasks import CLASSIFICATION_BENCHMARKS
-from .common import REGRESSION, MethodInfo, bn_text, init_weights, likelihood_text, make_likelihood
+from .common import (
+    REGRESSION,
+    MethodInfo,
+    bn_text,
+    elbo,
+    init_weights,
+    likelihood_text,
+    make_likelihood,
+)
 
 OBJECTIVE_TEXT = {
     "paper": "the paper's: E_q[-log p(y_s, y_q | phi)] + kl_weight_outer * KL(q || p(phi | theta)) per task with "
@@ -37,11 +44,7 @@ OBJECTIVE_TEXT = {
 def objective_for(cfg: RunConfig):  # noqa: ANN201 - a Pyro ELBO
     if cfg.objective == "predictive":
         return PredictiveELBO(cfg.train_samples)
-    kw = {"num_particles": cfg.train_samples, "vectorize_particles": True, "max_plate_nesting": 2} \
-        if cfg.train_samples > 1 else {}
-    if cfg.kl_estimator == "analytic":
-        return TraceMeanField_ELBO(**kw)
-    return Trace_ELBO(**kw)
+    return elbo(cfg.kl_estimator, cfg.train_samples)
 
 
 def initial_prior_std(cfg: RunConfig, net: FunctionalNet) -> float | torch.Tensor:

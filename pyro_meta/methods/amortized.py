@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from ..config import RunConfig
 from ..guides import AmortizedGuide
@@ -17,7 +16,7 @@ from ..guides.amortized import HEAD_INIT_SCALE, INIT_POINT_PRECISION
 from ..learner import MetaLearner
 from ..models import AMORTIZED_OBJECTIVES, MSE_NOISE_STD, AmortizedModel
 from ..nn import FunctionalNet
-from .common import REGRESSION, MethodInfo, init_weights, likelihood_text, make_likelihood
+from .common import REGRESSION, MethodInfo, elbo, init_weights, likelihood_text, make_likelihood
 
 OBJECTIVE_TEXT = {
     "joint": "ELBO of support + query: E_q[-log p(y_s, y_q | phi)] + KL(q || p(phi)) with q = q(phi | support "
@@ -28,18 +27,13 @@ OBJECTIVE_TEXT = {
 }
 
 
-def objective_for(cfg: RunConfig):  # noqa: ANN201 - a Pyro ELBO
-    elbo = TraceMeanField_ELBO if cfg.kl_estimator == "analytic" else Trace_ELBO
-    return elbo(num_particles=cfg.train_samples, vectorize_particles=True, max_plate_nesting=2)
-
-
 def build(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
     init = init_weights(net, cfg.seed)
     model = AmortizedModel(net, make_likelihood(cfg), init, cfg.prior_init_std, cfg.learned_prior, cfg.amortize,
                            cfg.objective)
     torch.manual_seed(cfg.seed)  # the encoder's nn.Linear layers draw from the global RNG
     guide = AmortizedGuide(model, init, cfg.encoder_hidden, cfg.objective)
-    return MetaLearner(model, guide, objective_for(cfg), name="amortized", protocol=protocol(cfg))
+    return MetaLearner(model, guide, elbo(cfg.kl_estimator, cfg.train_samples), name="amortized", protocol=protocol(cfg))
 
 
 def protocol(cfg: RunConfig) -> dict[str, Any]:

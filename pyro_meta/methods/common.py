@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from ..config import ConfigError, RunConfig
 from ..learner import MetaLearner
@@ -49,10 +50,6 @@ class MethodInfo:
     dependent: Callable[[RunConfig], dict[str, Any]] | None = None
 
 
-def is_classification(cfg: RunConfig) -> bool:
-    return cfg.benchmark in CLASSIFICATION_BENCHMARKS
-
-
 def make_net(cfg: RunConfig, features_only: bool = False) -> FunctionalNet:
     """The task network (with a ``ways``-wide head on images) or, ``features_only``, a conv4 trunk."""
     if cfg.benchmark in ("sinusoid", "sinusoid_line"):
@@ -75,6 +72,13 @@ def make_likelihood(cfg: RunConfig) -> Likelihood:
 
 def init_weights(net: FunctionalNet, seed: int) -> torch.Tensor:
     return net.init(torch.Generator().manual_seed(seed))
+
+
+def elbo(kl_estimator: str, samples: int = 1):  # noqa: ANN201 - a Pyro ELBO
+    """``Trace_ELBO`` (``kl_estimator="mc"``) or ``TraceMeanField_ELBO`` (``"analytic"``: closed-form KL
+    between the guide's and the model's Normal sites), with ``samples`` vectorized draws per step."""
+    kw = {"num_particles": samples, "vectorize_particles": True, "max_plate_nesting": 2} if samples > 1 else {}
+    return TraceMeanField_ELBO(**kw) if kl_estimator == "analytic" else Trace_ELBO(**kw)
 
 
 def bn_text(cfg: RunConfig) -> str:

@@ -4,27 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
-
 from ..config import RunConfig
 from ..guides import PlatipusGuide, PlatipusPredictiveGuide
 from ..learner import MetaLearner
 from ..models import MSE_NOISE_STD, PlatipusModel
 from ..nn import FunctionalNet
-from .common import REGRESSION, MethodInfo, init_weights, likelihood_text, make_likelihood
-
-
-def objective_for(cfg: RunConfig):  # noqa: ANN201 - a Pyro ELBO
-    if cfg.kl_estimator == "analytic":
-        return TraceMeanField_ELBO()
-    return Trace_ELBO()
+from .common import REGRESSION, MethodInfo, elbo, init_weights, likelihood_text, make_likelihood
 
 
 def build(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
     model = PlatipusModel(net, make_likelihood(cfg), init_weights(net, cfg.seed), cfg.prior_init_std,
                           cfg.gamma_init, cfg.inner_steps, cfg.inner_steps_eval, cfg.inner_lr, cfg.first_order)
     guide = PlatipusGuide(model, cfg.prior_init_std, cfg.gamma_init)
-    return MetaLearner(model, guide, objective_for(cfg), name="platipus", protocol=protocol(cfg),
+    return MetaLearner(model, guide, elbo(cfg.kl_estimator), name="platipus", protocol=protocol(cfg),
                        predictive_guide=PlatipusPredictiveGuide(model))
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import pyro
 import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from ..likelihoods import Likelihood
 from ..nn import MLP, FunctionalNet
 from ..tasks import TaskBatch
-from .base import TASK_DIM, WeightSpaceModel, observe, tasks_plate
+from .base import WeightSpaceModel
 
 AMORTIZED_OBJECTIVES = ("joint", "query")
 AMORTIZE_CHOICES = ("all", "last")
@@ -87,7 +86,8 @@ class AmortizedModel(WeightSpaceModel):
         return dist.Normal(loc, log_std.exp()).to_event(1)  # batch shape [], broadcast over the plates
 
     def weights(self, phi: Tensor) -> Tensor:
-        """The full flat weights ``[..., D]`` of per-task weights ``phi [..., D_phi]``."""
+        """The full flat weights ``[..., D]`` of per-task weights ``phi [..., D_phi]`` (the shared hidden
+        weights first with ``amortize="last"``); :meth:`WeightSpaceModel.forward` runs the net on them."""
         if self.shared is None:
             return phi
         shared = self.shared.expand(*phi.shape[:-1], self.shared.shape[-1])  # ..., D - D_phi
@@ -102,18 +102,3 @@ class AmortizedModel(WeightSpaceModel):
             if self.net.spec.offsets[key][0] >= self.shared.shape[-1]:
                 names += [f"{key}[{','.join(map(str, i))}]" for i in itertools.product(*map(range, shape))]
         return names
-
-    def forward(self, batch: TaskBatch) -> Tensor:
-        prior = self.phi_prior(batch)
-        with tasks_plate(batch.num_tasks):
-            phi = pyro.sample("phi", prior)  # ..., T, 1, D_phi
-            w = self.weights(phi.squeeze(TASK_DIM))  # ..., T, D
-            if self.score == "support+query":
-                s = batch.num_support
-                f = self.net(w, torch.cat([batch.x_support, batch.x_query], dim=1))  # ..., T, S+Q, O
-                observe("y_support", self.likelihood, f[..., :s, :], batch.y_support)
-                f_query = f[..., s:, :]
-            else:
-                f_query = self.net(w, batch.x_query)  # ..., T, Q, O
-            observe("y_query", self.likelihood, f_query, batch.y_query)
-        return phi

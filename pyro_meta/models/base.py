@@ -80,12 +80,17 @@ class WeightSpaceModel(nn.Module):
         """The prior over one task's flat weights: batch shape ``[..., 1, 1]`` or ``[]``, event ``[D]``."""
         raise NotImplementedError
 
+    def weights(self, phi: Tensor) -> Tensor:
+        """The task network's full flat weights ``[..., D]`` from one task's latent ``phi [..., D_phi]``:
+        ``phi`` itself here; a model whose latent is part of the weights (amortized VI's last layer) maps it."""
+        return phi
+
     def forward(self, batch: TaskBatch) -> Tensor:
         prior = self.phi_prior(batch)
         with tasks_plate(batch.num_tasks):
             with poutine.scale(scale=self.kl_weight):
-                phi = pyro.sample("phi", prior)  # [..., T, 1, D]
-            w = phi.squeeze(TASK_DIM)  # ..., T, D
+                phi = pyro.sample("phi", prior)  # [..., T, 1, D_phi]
+            w = self.weights(phi.squeeze(TASK_DIM))  # ..., T, D
             if self.score != "query" and getattr(self.net, "batch_norm", "none") == "none":
                 # one network pass over support and query together (only without batch statistics,
                 # which must come from each set on its own)
