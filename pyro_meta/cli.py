@@ -34,7 +34,8 @@ TRAIN_FLAGS = {
     "inner_samples": "inner_samples", "inner_steps_eval": "inner_steps_eval", "hidden": "hidden",
     "kl_weight_inner": "kl_weight_inner", "kl_weight_outer": "kl_weight_outer", "noise_scaled_lr": "noise_scaled_lr",
     "inner_step": "inner_step", "hyperprior_weight": "hyperprior_weight",
-    "prior_init_std_hidden": "prior_init_std_hidden",
+    "prior_init_std_hidden": "prior_init_std_hidden", "particles": "particles", "leader_steps": "leader_steps",
+    "train_tasks": "train_tasks",
 }
 # CLI flag -> key of the lr_schedule object (pyro_meta.schedule)
 SCHEDULE_FLAGS = {"lr_schedule": "name", "lr_warmup": "warmup_steps", "lr_gamma": "gamma", "lr_every": "every",
@@ -103,6 +104,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="ABML: scale of log p(theta) per meta-batch (see README, 'Protocol choices')")
     p.add_argument("--prior-init-std-hidden", dest="prior_init_std_hidden", type=float, default=S,
                    help="ABML: initial prior std of the hidden layers (default: --prior-init-std)")
+    p.add_argument("--particles", type=int, default=S, help="BMAML: SVGD particles per task (default 5)")
+    p.add_argument("--leader-steps", dest="leader_steps", type=int, default=S,
+                   help="BMAML chaser: the leader's SVGD steps on support + query (default 1)")
+    p.add_argument("--train-tasks", dest="train_tasks", type=int, default=S,
+                   help="regression: train on a finite set of this many tasks (BMAML's 100 / 1000); default: "
+                        "fresh tasks every meta-batch")
     p.add_argument("--steps", type=int, default=S, help="meta-updates (default: the paper's)")
     p.add_argument("--meta-batch", dest="meta_batch", type=int, default=S,
                    help="tasks per meta-batch (default: the paper's)")

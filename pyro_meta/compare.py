@@ -47,24 +47,41 @@ WALL_FROM = {"median": statistics.median, "max": max}
 WALL_STEP_CAP = 10_000_000  # a wall-time run's steps: a cap that its time budget ends long before
 AMBIGUOUS_BENCHMARK = "sinusoid_line"
 FUNCTION_DRAWS = 5
-__all__ = ["BENCHMARKS", "FULL_STEPS", "MODES", "SHOTS", "add_arguments", "run_scoreboard", "scoreboard_command",
+# rows that are a registered method with an objective other than its default: row name -> settings
+ROW_VARIANTS: dict[str, dict[str, Any]] = {"bfa": {"method": "bmaml", "objective": "bfa"}}
+__all__ = ["ROW_VARIANTS", "row_methods", "BENCHMARKS", "FULL_STEPS", "MODES", "SHOTS", "add_arguments", "run_scoreboard", "scoreboard_command",
            "scoreboard_from_args", "scoreboard_jobs", "scoreboard_markdown", "wall_budgets"]
+
+
+def row_methods() -> list[str]:
+    """The scoreboard's default rows: every registered regression method, then :data:`ROW_VARIANTS`."""
+    rows = regression_methods()
+    return rows + [name for name, v in ROW_VARIANTS.items() if v["method"] in rows]
 
 
 def scoreboard_jobs(methods: list[str], benchmarks: list[str], shots: list[int], steps: int,
                     settings: dict[str, Any], seed: int, num_test_tasks: int) -> dict[str, dict[str, Any]]:
     """``run name -> RunConfig settings`` of the equal-iteration runs (the wall-time runs copy them).
-    Everything but the method is the same in every run of a (benchmark, shots) cell."""
+    Everything but the method is the same in every run of a (benchmark, shots) cell. A row name in
+    :data:`ROW_VARIANTS` runs its method with its settings (e.g. ``bfa``: BMAML's BFA objective); the
+    run's folder, the last part of its name, is the row name."""
     jobs = {}
     for bench in benchmarks:
         for k in shots:
-            for method in methods:
-                cfg = {"benchmark": bench, "method": method, "shots": k, "steps": steps, "seed": seed,
+            for row in methods:
+                variant = ROW_VARIANTS.get(row, {"method": row})
+                cfg = {"benchmark": bench, "method": variant["method"], "shots": k, "steps": steps, "seed": seed,
                        "num_test_tasks": num_test_tasks, "threads": 1,
                        "log_every": max(1, min(250, steps // 10)),
-                       "checkpoint_every": max(1, min(5000, steps // 4)), **settings}
-                jobs[_run_name(bench, k, f"iterations-{steps}", method)] = cfg
+                       "checkpoint_every": max(1, min(5000, steps // 4)), **settings,
+                       **{key: v for key, v in variant.items() if key != "method"}}
+                jobs[_run_name(bench, k, f"iterations-{steps}", row)] = cfg
     return jobs
+
+
+def row_of(run_name: str) -> str:
+    """A run's row name: the last part of its name (a method, or a :data:`ROW_VARIANTS` name)."""
+    return run_name.rsplit("/", 1)[-1]
 
 
 def _run_name(bench: str, shots: int, mode_dir: str, method: str) -> str:
@@ -77,7 +94,7 @@ def _check(jobs: dict[str, dict[str, Any]]) -> None:
     for cfg in jobs.values():
         if cfg["benchmark"] in CLASSIFICATION_BENCHMARKS:
             raise ConfigError(f"the scoreboard is for regression benchmarks, not {cfg['benchmark']!r}")
-        if cfg["method"] not in METHODS:
+        if cfg["method"] not in METHODS:  # a row variant names a registered method
             raise ConfigError(f"unknown method {cfg['method']!r}; known: {', '.join(sorted(METHODS))}")
         resolve(RunConfig.from_dict(cfg, source="scoreboard settings"))
 
@@ -109,7 +126,7 @@ def wall_budgets(rows: list[dict[str, Any]], how: str) -> dict[tuple[str, int], 
 def _row(name: str, cfg: dict[str, Any], mode: str, report: dict[str, Any], out: Path,
          max_seconds: float | None = None) -> dict[str, Any]:
     """One scoreboard row from a run's ``eval.json`` (or its error) and checkpoint."""
-    row: dict[str, Any] = {"benchmark": cfg["benchmark"], "shots": cfg["shots"], "method": cfg["method"],
+    row: dict[str, Any] = {"benchmark": cfg["benchmark"], "shots": cfg["shots"], "method": row_of(name),
                            "mode": mode, "run": name, "max_seconds": max_seconds}
     if "error" in report:
         return {**row, "error": report["error"]}
@@ -162,7 +179,7 @@ def run_scoreboard(out: str | Path, methods: list[str] | None = None, benchmarks
     """
     t0 = time.perf_counter()
     out = Path(out)
-    methods = list(methods or regression_methods())
+    methods = list(methods or row_methods())
     benchmarks, shots = list(benchmarks), sorted(set(shots))
     if mode not in MODE_CHOICES:
         raise ConfigError(f"mode must be one of {sorted(MODE_CHOICES)}, got {mode!r}")
@@ -239,10 +256,10 @@ def _wall_jobs(jobs: dict[str, dict[str, Any]], budgets: dict[tuple[str, int], f
     """The equal-wall-time run of every equal-iteration job (``steps``: :data:`WALL_STEP_CAP`), and
     ``name -> seconds`` for those whose cell has a budget."""
     cfgs, limits = {}, {}
-    for cfg in jobs.values():
+    for job, cfg in jobs.items():
         cell = (cfg["benchmark"], cfg["shots"])
         folder = f"wall-{budgets[cell]:.2f}s" if cell in budgets else "wall-none"
-        name = _run_name(cfg["benchmark"], cfg["shots"], folder, cfg["method"])
+        name = _run_name(cfg["benchmark"], cfg["shots"], folder, row_of(job))
         cfgs[name] = {**cfg, "steps": WALL_STEP_CAP}
         if cell in budgets:
             limits[name] = budgets[cell]
@@ -404,7 +421,7 @@ def scoreboard_command(prog: str, methods: list[str] | None, benchmarks: list[st
                        workers: int, num_test_tasks: int, seed: int, settings: dict[str, Any] | None,
                        out: str | Path) -> str:
     """The command line (``prog`` plus every setting spelled out) that reproduces a scoreboard."""
-    parts = [prog, "--methods", *(methods or regression_methods()), "--benchmarks", *benchmarks,
+    parts = [prog, "--methods", *(methods or row_methods()), "--benchmarks", *benchmarks,
              "--shots", *map(str, shots)]
     parts += ["--steps", str(steps)] if steps is not None else ["--budget", f"{budget:g}"]
     parts += ["--mode", mode]
@@ -422,7 +439,8 @@ def add_arguments(p: Any) -> None:
     """The scoreboard's flags on an ``argparse`` parser (``pyro-meta compare`` and
     ``experiments/scoreboard.py``)."""
     p.add_argument("--methods", nargs="+", default=None,
-                   help="methods to compare (default: every registered regression method)")
+                   help="methods to compare (default: every registered regression method, and bfa: BMAML's BFA "
+                        "objective)")
     p.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), help="default: sinusoid sinusoid_line")
     p.add_argument("--shots", nargs="+", type=int, default=list(SHOTS), help="default: 1 2 5 10")
     p.add_argument("--budget", type=float, default=1.0,

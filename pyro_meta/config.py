@@ -28,6 +28,7 @@ class RunConfig:
     eval_queries: int | None = None  # query points per evaluation task (per class for classification)
     num_val_tasks: int = 100
     num_test_tasks: int = 600
+    train_tasks: int | None = None  # regression: a finite training set of this many tasks (None: endless)
     # data (classification benchmarks)
     data_root: str | None = None  # None: $PYRO_META_DATA, then the per-user cache directory
     split: str | None = None  # omniglot: "vinyals" (train/val/test classes) or "lake" (background/evaluation)
@@ -77,6 +78,9 @@ class RunConfig:
     encoder_hidden: list[int] | None = None  # the support-set encoder's hidden widths
     amortize: str | None = None  # "all" (a Gaussian over every weight) or "last" (the last layer only)
     learned_prior: bool | None = None  # a learned Gaussian prior over the weights, else N(0, prior_init_std^2)
+    # BMAML
+    particles: int | None = None  # M, SVGD particles per task
+    leader_steps: int | None = None  # s, the leader's further SVGD steps on support + query (chaser loss)
     # evaluation
     eval_samples: int | None = None
     # run
@@ -144,7 +148,8 @@ class RunConfig:
             want(isinstance(getattr(self, name), str), name, "a string")
         for name in ("shots", "num_val_tasks", "num_test_tasks", "log_every", "checkpoint_every"):
             pos_int(name)
-        for name in ("ways", "queries", "meta_batch", "eval_queries", "steps", "filters", "train_samples"):
+        for name in ("ways", "queries", "meta_batch", "eval_queries", "steps", "filters", "train_samples",
+                     "train_tasks", "particles", "leader_steps"):
             pos_int(name, allow_none=True)
         pos_int("inner_steps", allow_none=True, allow_zero=True)
         pos_int("inner_steps_eval", allow_none=True, allow_zero=True)

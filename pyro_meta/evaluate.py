@@ -167,6 +167,8 @@ def per_task_weights(learner: MetaLearner) -> int:
     """How many network weights each task draws: ``D`` for a weight-space model (MAML, ABML: a copy
     of the task network per task and draw), 0 otherwise (e.g. VERSA's shared feature extractor)."""
     model = getattr(learner, "model", None)
+    if isinstance(getattr(model, "per_task_weights", None), int):  # e.g. BMAML's particles
+        return model.per_task_weights
     return model.net.num_params if isinstance(model, WeightSpaceModel) else 0
 
 

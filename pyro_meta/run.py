@@ -53,7 +53,7 @@ def benchmark_of(cfg: RunConfig) -> Benchmark:
     return get_benchmark(cfg.benchmark, shots=cfg.shots, queries=cfg.queries, meta_batch=cfg.meta_batch,
                          eval_queries=cfg.eval_queries, num_val_tasks=cfg.num_val_tasks,
                          num_test_tasks=cfg.num_test_tasks, seed=cfg.seed, ways=cfg.ways,
-                         data_root=cfg.data_root, split=cfg.split)
+                         data_root=cfg.data_root, split=cfg.split, train_tasks=cfg.train_tasks)
 
 
 def protocol_config(cfg: RunConfig) -> dict[str, Any]:

@@ -242,3 +242,21 @@ def test_scoreboard_script_tiny_and_restart(tmp_path):
                            progress=False)
     assert _rows(board) == rows
     assert all(p.read_bytes() == b for p, b in ckpts.items())
+
+
+def test_row_variants_bmaml_and_bfa(tmp_path):
+    """The bfa row is BMAML with its BFA objective, in a folder of its own; both rows are on the board and
+    the default rows include them."""
+    from pyro_meta.compare import row_methods
+
+    assert row_methods()[-2:] == ["bmaml", "bfa"]
+    out = tmp_path / "board"
+    board = run_scoreboard(out, methods=["bmaml", "bfa"], benchmarks=["sinusoid"], shots=[2], steps=2,
+                           mode="iterations", workers=1, num_test_tasks=4,
+                           settings={"hidden": [8], "eval_queries": 10, "particles": 2}, progress=False)
+    rows = _rows(board)
+    assert set(rows) == {("bmaml", 2, "iterations"), ("bfa", 2, "iterations")}
+    objectives = {r: json.loads((out / "runs" / rows[(r, 2, "iterations")]["run"] / "config.json").read_text())
+                  ["objective"] for r in ("bmaml", "bfa")}
+    assert objectives == {"bmaml": "chaser", "bfa": "bfa"}
+    assert "| bfa | 2 |" in (out / "scoreboard.md").read_text()

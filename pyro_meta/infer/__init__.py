@@ -1,6 +1,8 @@
 """Pieces that several methods share."""
 
 from .adapt import sgd_adapt
-from .losses import MLPIP, PredictiveELBO, log_mean_exp
+from .losses import MLPIP, BFALoss, ChaserLoss, PredictiveELBO, log_mean_exp
+from .svgd import ScalarRBFKernel, pyro_global_params, svgd_adapt, svgd_direction, svgd_step
 
-__all__ = ["MLPIP", "PredictiveELBO", "log_mean_exp", "sgd_adapt"]
+__all__ = ["BFALoss", "ChaserLoss", "MLPIP", "PredictiveELBO", "ScalarRBFKernel", "log_mean_exp", "pyro_global_params", "sgd_adapt",
+           "svgd_adapt", "svgd_direction", "svgd_step"]

@@ -153,3 +153,73 @@ class PredictiveELBO:
 
     def __repr__(self) -> str:
         return f"PredictiveELBO(num_samples={self.num_samples})"
+
+
+def _check_particle_method(model: Any, guide: Any, batch: Any, what: str) -> None:
+    if batch.y_query is None:
+        raise ValueError(f"{what} scores the query labels; this TaskBatch has y_query=None")
+    for obj, attr in ((guide, "follow"), (model, "log_likelihood")):
+        if not hasattr(obj, attr):
+            raise TypeError(f"{what} needs a particle guide with follow() and a model with log_likelihood() "
+                            f"(BMAMLGuide / BMAMLModel); {type(obj).__name__} has no {attr}()")
+
+
+class ChaserLoss:
+    """BMAML's chaser loss (Yoon et al., NeurIPS 2018, eq. 6): the follower ``Theta_n`` (``n`` SVGD steps
+    on the support set from the meta-learned initial particles) chases the leader ``Theta_{n+s}`` (``s``
+    more steps on support + query, gradient stopped):
+
+        L = (1/T) sum_t sum_m || w_tm^(n) - stopgrad(w_tm^(n+s)) ||^2,
+
+    over the network weights only (the particles' log precisions are left out of the distance, as in
+    the authors' code). The task mean comes from the trainer's ``1/T`` scale, which this loss reads
+    from a Pyro site like every other objective here; no ELBO is involved.
+    """
+
+    def differentiable_loss(self, model: Any, guide: Any, batch: Any) -> Tensor:
+        _check_particle_method(model, guide, batch, "the chaser loss")
+        follower = guide.follow(batch.x_support, batch.y_support)  # M T 1 P
+        leader = guide.lead(follower, batch)
+        d = model.num_weights
+        dist2 = (follower[..., :d] - leader[..., :d]).pow(2).sum(-1)  # M T 1
+        return _task_scale() * dist2.sum(0).sum()
+
+    def loss(self, model: Any, guide: Any, batch: Any) -> float:
+        return float(self.differentiable_loss(model, guide, batch).detach())
+
+    def __repr__(self) -> str:
+        return "ChaserLoss()"
+
+
+class BFALoss:
+    """BMAML's Bayesian fast adaptation objective (Yoon et al., eq. 4): the log predictive of the query set
+    under the follower's particles (``n`` SVGD steps on the support set), an equal-weight mixture,
+
+        L = -(1/T) sum_t log( (1/M) sum_m prod_q p(y_tq | x_tq, theta_tm) ),
+
+    each particle with its own noise precision (regression)."""
+
+    def differentiable_loss(self, model: Any, guide: Any, batch: Any) -> Tensor:
+        _check_particle_method(model, guide, batch, "the BFA objective")
+        follower = guide.follow(batch.x_support, batch.y_support)  # M T 1 P
+        log_lik = model.log_likelihood(follower, batch.x_query, batch.y_query)  # M T
+        return -_task_scale() * log_mean_exp(log_lik, 0).sum()
+
+    def loss(self, model: Any, guide: Any, batch: Any) -> float:
+        return float(self.differentiable_loss(model, guide, batch).detach())
+
+    def __repr__(self) -> str:
+        return "BFALoss()"
+
+
+def _task_scale() -> float:
+    """The product of the enclosing ``poutine.scale`` factors (the trainer's ``1/T``), so a loss that is not
+    an ELBO weights tasks like one (the mean over the meta-batch's tasks)."""
+    from pyro.poutine.runtime import _PYRO_STACK
+    from pyro.poutine.scale_messenger import ScaleMessenger
+
+    scale = 1.0
+    for frame in _PYRO_STACK:
+        if isinstance(frame, ScaleMessenger):
+            scale = scale * float(frame.scale)
+    return scale

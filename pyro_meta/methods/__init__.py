@@ -15,18 +15,19 @@ from ..schedule import normalize_schedule
 from ..tasks import BENCHMARKS, CLASSIFICATION_BENCHMARKS, all_benchmarks, is_known_benchmark
 from ..tasks.custom import custom_family
 from ..threads import default_threads
-from . import abml, amortized, maml, platipus, versa
+from . import abml, amortized, bmaml, maml, platipus, versa
 from .common import MethodInfo, make_net
 
 # the registry: one line per method
-METHODS: dict[str, MethodInfo] = {r.name: r for r in (maml.RECIPE, abml.RECIPE, versa.RECIPE, platipus.RECIPE, amortized.RECIPE)}
+METHODS: dict[str, MethodInfo] = {r.name: r for r in (maml.RECIPE, abml.RECIPE, versa.RECIPE, platipus.RECIPE, amortized.RECIPE,
+                                                   bmaml.RECIPE)}
 
 # Settings whose meaning and default depend on the method.
 METHOD_FIELDS = ("inner_steps", "inner_steps_eval", "inner_lr", "noise_std", "learn_noise",
                  "prior_init_std", "inner_samples", "kl_weight_inner", "kl_weight_outer", "noise_scaled_lr",
                  "objective", "train_samples", "local_reparam", "eval_samples", "kl_estimator", "gamma_init",
                  "encoder_hidden", "amortize", "learned_prior", "inner_step",
-                 "hyperprior_weight", "prior_init_std_hidden")
+                 "hyperprior_weight", "prior_init_std_hidden", "particles", "leader_steps")
 # Settings that only classification benchmarks (images) have.
 CLASSIFICATION_FIELDS = ("ways", "data_root", "split", "filters", "downsample", "batch_norm")
 
@@ -41,6 +42,10 @@ def regression_methods() -> list[str]:
 
 def protocol_defaults(benchmark: str, method: str, ways: int | None, shots: int) -> dict[str, Any]:
     """The benchmark-level settings a run gets when it does not set them (the papers' protocols)."""
+    if benchmark == "sinusoid_bmaml":
+        # BMAML's code: network 1-40-40-40-1, 10 tasks per meta-batch, Adam 1e-3 (ANCHORS.md)
+        return {"steps": 70_000, "meta_batch": 10, "meta_lr": 1e-3, "queries": shots, "eval_queries": 100,
+                "hidden": [40, 40, 40]}
     if benchmark not in CLASSIFICATION_BENCHMARKS:
         return {"steps": 70_000, "meta_batch": 25, "meta_lr": 1e-3, "queries": shots, "eval_queries": 100,
                 "hidden": [40, 40]}

@@ -17,7 +17,7 @@ from ..nn import MLP, Conv4, FunctionalNet
 from ..tasks import CLASSIFICATION_BENCHMARKS
 from ..tasks.custom import custom_family
 
-REGRESSION = ("sinusoid", "sinusoid_line", "custom")
+REGRESSION = ("sinusoid", "sinusoid_line", "sinusoid_bmaml", "custom")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class MethodInfo:
 
 def make_net(cfg: RunConfig, features_only: bool = False) -> FunctionalNet:
     """The task network (with a ``ways``-wide head on images) or, ``features_only``, a conv4 trunk."""
-    if cfg.benchmark in ("sinusoid", "sinusoid_line"):
+    if cfg.benchmark in ("sinusoid", "sinusoid_line", "sinusoid_bmaml"):
         return MLP([1, *cfg.hidden, 1], cfg.activation)
     family = custom_family(cfg.benchmark)
     if family is not None:

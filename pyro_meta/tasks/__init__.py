@@ -25,7 +25,7 @@ from .registry import (
     get_benchmark,
     is_known_benchmark,
 )
-from .regression import ProtocolError, RegressionFamily, Sinusoid, SinusoidLine
+from .regression import ProtocolError, RegressionFamily, Sinusoid, SinusoidBMAML, SinusoidLine
 from .stream import BatchCycle, as_task_source
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "ProtocolError",
     "RegressionFamily",
     "Sinusoid",
+    "SinusoidBMAML",
     "SinusoidLine",
     "TaskBatch",
     "TaskBatchError",

@@ -9,7 +9,7 @@ import torch
 
 from .batch import TaskBatch
 from .custom import TaskFamily, custom_family, is_import_path, registered_benchmarks
-from .regression import ProtocolError, RegressionFamily, Sinusoid, SinusoidLine
+from .regression import ProtocolError, RegressionFamily, Sinusoid, SinusoidBMAML, SinusoidLine
 
 
 class TaskStream:
@@ -19,21 +19,34 @@ class TaskStream:
     :param meta_batch: tasks per meta-batch ``T``.
     :param shots: support points per task; :param queries: query points per task.
     :param seed: seed of the stream's own generator (independent of the global torch RNG).
+    :param num_tasks: ``None``: every meta-batch draws fresh tasks (an endless task distribution). An
+        integer: a finite training set (BMAML's 100- and 1000-task settings): ``num_tasks`` tasks, their
+        functions and their points, drawn once from ``seed``; each meta-batch takes ``meta_batch`` of them
+        at random without replacement.
     """
 
     def __init__(self, family: RegressionFamily | TaskFamily, meta_batch: int, shots: int, queries: int,
-                 seed: int):
+                 seed: int, num_tasks: int | None = None):
         if not isinstance(meta_batch, int) or isinstance(meta_batch, bool) or meta_batch < 1:
             raise ProtocolError(f"meta_batch must be a positive integer, got {meta_batch!r}")
         family.check(shots, queries)
         self.family, self.meta_batch, self.shots, self.queries = family, meta_batch, shots, queries
         self.generator = torch.Generator().manual_seed(seed)
+        self.num_tasks, self.pool = num_tasks, None
+        if num_tasks is not None:
+            if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < meta_batch:
+                raise ProtocolError(f"a finite training set needs at least meta_batch = {meta_batch} tasks, got "
+                                    f"train_tasks={num_tasks!r}")
+            self.pool = family.sample(num_tasks, shots, queries, torch.Generator().manual_seed(seed + 7919))
 
     def __iter__(self):
         return self
 
     def __next__(self) -> TaskBatch:
-        return self.family.sample(self.meta_batch, self.shots, self.queries, self.generator)
+        if self.pool is None:
+            return self.family.sample(self.meta_batch, self.shots, self.queries, self.generator)
+        idx = torch.randperm(self.num_tasks, generator=self.generator)[: self.meta_batch]
+        return self.pool.select(idx)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -73,10 +86,12 @@ def is_known_benchmark(name: str) -> bool:
 VAL_SEED = 1_000_003
 TEST_SEED = 2_000_003
 
-_FAMILIES = {"sinusoid": Sinusoid, "sinusoid_line": SinusoidLine}
+_FAMILIES = {"sinusoid": Sinusoid, "sinusoid_line": SinusoidLine, "sinusoid_bmaml": SinusoidBMAML}
 BENCHMARKS = {
     "sinusoid": "MAML's sinusoid regression: A~U[0.1,5], phase~U[0,pi], x~U[-5,5], noiseless",
     "sinusoid_line": "PLATIPUS's ambiguous tasks: sinusoid or line, noise std 0.3",
+    "sinusoid_bmaml": "BMAML's sinusoids: A~U[0.1,5], frequency~U[0.5,2], phase~U[0,2pi], x~U[-5,5], noise std "
+                      "0.01 A (noiseless test queries)",
     "omniglot": "N-way K-shot Omniglot, 28x28, rotations as classes; Vinyals split (or Lake's)",
 }
 CLASSIFICATION_BENCHMARKS = ("omniglot",)
@@ -96,6 +111,7 @@ def get_benchmark(
     ways: int | None = None,
     data_root: str | None = None,
     split: str | None = None,
+    train_tasks: int | None = None,
 ) -> Benchmark:
     """Build a benchmark.
 
@@ -112,8 +128,13 @@ def get_benchmark(
     :param split: ``"vinyals"`` (train / val / test classes, the few-shot standard) or ``"lake"``
         (background for training, evaluation alphabets for validation and test; their val and test
         episodes differ only by seed).
+    :param train_tasks: regression: a finite training set of this many tasks (see :class:`TaskStream`);
+        ``None`` (default) draws fresh tasks for every meta-batch.
     """
     if name in CLASSIFICATION_BENCHMARKS:
+        if train_tasks is not None:
+            raise ProtocolError("train_tasks (a finite training set of regression tasks) is not a setting of "
+                                f"{name!r}")
         return _omniglot(shots, queries, meta_batch, eval_queries, num_val_tasks, num_test_tasks, seed,
                          ways or 5, data_root, split or "vinyals")
     family = _FAMILIES[name]() if name in _FAMILIES else custom_family(name)
@@ -121,7 +142,7 @@ def get_benchmark(
         raise ProtocolError(f"unknown benchmark {name!r}; known: {', '.join(sorted(all_benchmarks()))}, or a task "
                             "function's import path 'module:function'")
     queries = shots if queries is None else queries
-    train = TaskStream(family, meta_batch, shots, queries, seed)
+    train = TaskStream(family, meta_batch, shots, queries, seed, num_tasks=train_tasks)
     val = family.fixed(num_val_tasks, shots, eval_queries, VAL_SEED)
     test = family.fixed(num_test_tasks, shots, eval_queries, TEST_SEED)
     protocol = {
@@ -130,6 +151,7 @@ def get_benchmark(
         "shots": shots,
         "queries": queries,
         "meta_batch": meta_batch,
+        "train_tasks": train_tasks if train_tasks is not None else "endless (fresh tasks every meta-batch)",
         "eval_queries": eval_queries,
         "num_val_tasks": num_val_tasks,
         "num_test_tasks": num_test_tasks,

@@ -1,4 +1,5 @@
-"""Toy regression task families: MAML's sinusoids and PLATIPUS's ambiguous sinusoid-or-line tasks."""
+"""Toy regression task families: MAML's sinusoids, PLATIPUS's ambiguous sinusoid-or-line tasks and
+BMAML's sinusoids with a varying frequency."""
 
 from __future__ import annotations
 
@@ -139,3 +140,38 @@ class SinusoidLine(RegressionFamily):
         sine = c("amplitude") * torch.sin(x + c("phase"))
         line = c("slope") * x + c("intercept")
         return torch.where(c("is_line") > 0.5, line, sine)
+
+
+@dataclass(frozen=True)
+class SinusoidBMAML(RegressionFamily):
+    """BMAML's sinusoids (Yoon et al., NeurIPS 2018; their code): ``y = A sin(w x + p)``, ``A ~ U[0.1, 5]``,
+    frequency ``w ~ U[0.5, 2]``, ``p ~ U[0, 2 pi]``, ``x ~ U[-5, 5]``; observation noise of std
+    ``noise_fraction * A`` (0.01 A) on the training tasks' targets and on the evaluation tasks' support
+    set, while the evaluation tasks' query targets are noiseless, as in their code."""
+
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    frequency: tuple[float, float] = (0.5, 2.0)
+    phase: tuple[float, float] = (0.0, 2 * math.pi)
+    noise_fraction: float = 0.01
+    name = "sinusoid_bmaml"
+
+    def draw_params(self, n: int, g: torch.Generator) -> dict[str, Tensor]:
+        def u(lo_hi: tuple[float, float]) -> Tensor:
+            return lo_hi[0] + (lo_hi[1] - lo_hi[0]) * torch.rand(n, generator=g)
+
+        return {"amplitude": u(self.amplitude), "frequency": u(self.frequency), "phase": u(self.phase)}
+
+    def function(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        def c(k: str) -> Tensor:
+            return params[k][:, None, None]
+
+        return c("amplitude") * torch.sin(c("frequency") * x + c("phase"))
+
+    def _y(self, params: dict[str, Tensor], x: Tensor, g: torch.Generator) -> Tensor:
+        y = self.function(params, x)
+        return y + self.noise_fraction * params["amplitude"][:, None, None] * torch.randn(y.shape, generator=g)
+
+    def fixed(self, num_tasks: int, shots: int, queries: int, seed: int) -> TaskBatch:
+        """Seeded evaluation tasks with a noisy support pool and noiseless query targets."""
+        b = super().fixed(num_tasks, shots, queries, seed)
+        return TaskBatch(b.x_support, b.y_support, b.x_query, self.function(b.info, b.x_query), b.info)
