@@ -35,6 +35,7 @@ TRAIN_FLAGS = {
     "kl_weight_inner": "kl_weight_inner", "kl_weight_outer": "kl_weight_outer", "noise_scaled_lr": "noise_scaled_lr",
     "inner_step": "inner_step", "hyperprior_weight": "hyperprior_weight",
     "prior_init_std_hidden": "prior_init_std_hidden", "particles": "particles", "leader_steps": "leader_steps",
+    "precision_lr_factor": "precision_lr_factor",
     "train_tasks": "train_tasks",
 }
 # CLI flag -> key of the lr_schedule object (pyro_meta.schedule)
@@ -69,7 +70,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-norm", dest="batch_norm", default=S, help="conv4 batch norm: task (default) or none")
     p.add_argument("--objective", default=S,
                    help="the training objective; VERSA: ml-pip (default, the paper's) or elbo; ABML: predictive "
-                        "(default), paper, joint or support; amortized: joint (default) or query; see "
+                        "(default), paper, joint or support; amortized: joint (default) or query; BMAML: chaser (default), bfa or "
+                        "chaser-full; see "
                         "`pyro-meta list` and the README")
     p.add_argument("--kl-estimator", dest="kl_estimator", choices=["mc", "analytic"], default=S,
                    help="KL term of the objective: mc (one sample, Trace_ELBO) or analytic (TraceMeanField_ELBO)")
@@ -107,6 +109,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--particles", type=int, default=S, help="BMAML: SVGD particles per task (default 5)")
     p.add_argument("--leader-steps", dest="leader_steps", type=int, default=S,
                    help="BMAML chaser: the leader's SVGD steps on support + query (default 1)")
+    p.add_argument("--precision-lr-factor", dest="precision_lr_factor", type=float, default=S,
+                   help="BMAML: SVGD step on the log precisions = --inner-lr x this (default 1; Omniglot 1e-4)")
     p.add_argument("--train-tasks", dest="train_tasks", type=int, default=S,
                    help="regression: train on a finite set of this many tasks (BMAML's 100 / 1000); default: "
                         "fresh tasks every meta-batch")

@@ -31,3 +31,30 @@ def test_bench_sinusoid_quick_writes_table_and_passes_self_check(tmp_path):
         loop_row = re.search(rf"^\| {method} \| 4 \| 1 \|.*$", text, re.MULTILINE).group(0)
         cells = [c.strip() for c in loop_row.strip("|").split("|")]
         assert float(cells[12]) > 0, f"no loop/vec ratio in {loop_row}"
+
+
+def test_bench_bmaml_quick_writes_rows_for_every_configuration(tmp_path):
+    out = tmp_path / "r.md"
+    script = REPO / "benchmarks" / "bench_bmaml.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    text = out.read_text()
+    assert "python benchmarks/bench_bmaml.py --quick --out" in text  # the exact command line
+    assert "torch threads:" in text and "pyro-ppl:" in text
+    assert "| configuration | M | ms/step (median) |" in text
+    # --quick: MAML, the chaser at M = 1 and 2, first order and BFA at M = 2; T = 2 tasks
+    expected = [("MAML, 1 SGD step", "-", 3401), ("BMAML chaser, 2nd order", "1", 3403),
+                ("BMAML chaser, 2nd order", "2", 2 * 3403), ("BMAML chaser, 1st order", "2", 2 * 3403),
+                ("BMAML bfa, 2nd order", "2", 2 * 3403)]
+    for label, m, per_task in expected:
+        row = re.search(rf"^\| {re.escape(label)} \| {m} \| ([0-9.]+) \|.*$", text, re.MULTILINE)
+        assert row is not None, f"no row for {label} M={m}:\n{text}"
+        cells = [c.strip() for c in row.group(0).strip("|").split("|")]
+        assert float(cells[2]) > 0 and float(cells[4].replace(",", "")) > 0  # ms/step, tasks/s
+        assert cells[7] == f"{per_task:,}" and cells[8] == f"{2 * per_task:,}"  # values per task, per batch
+    assert "**Step time against M**" in text and "Verdict:" in text
+    for method, m in (("MAML", "-"), ("BMAML", "2")):
+        row = re.search(rf"^\| {method} \| {m} \| 2 \| 5 \| ([0-9.]+) \|.*\| yes \|$", text, re.MULTILINE)
+        assert row is not None, f"no evaluation row for {method}:\n{text}"
+    assert "Warning: non-finite" not in text

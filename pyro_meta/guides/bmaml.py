@@ -36,11 +36,14 @@ class BMAMLGuide(nn.Module):
     :param leader_steps: ``s``, the leader's further steps on support + query.
     :param first_order: detach the scores in the inner loop (the kernel terms stay differentiable).
     :param kernel: the Stein kernel (default: a scalar RBF with BMAML's ``h = med / log M``).
+    :param precision_lr_factor: the SVGD step on the particles' log precisions is ``inner_lr`` times this
+        (the authors' code has this factor, 1 by default). The score of ``log lambda`` holds ``D / 2``, so
+        for a network with ~1e5 weights a step that suits the weights throws ``lambda`` to overflow.
     """
 
     def __init__(self, model: BMAMLModel, init_particles: Tensor, inner_steps: int = 1, inner_steps_eval: int = 10,
                  inner_lr: float = 1e-3, leader_steps: int = 1, first_order: bool = False,
-                 kernel: ScalarRBFKernel | None = None):
+                 kernel: ScalarRBFKernel | None = None, precision_lr_factor: float = 1.0):
         super().__init__()
         if init_particles.dim() != 2 or init_particles.shape[1] != model.particle_dim:
             raise ValueError(f"init_particles must be [M, {model.particle_dim}], got {list(init_particles.shape)}")
@@ -48,6 +51,7 @@ class BMAMLGuide(nn.Module):
         self.particles = nn.Parameter(init_particles.clone())
         self.inner_steps, self.inner_steps_eval, self.inner_lr = inner_steps, inner_steps_eval, inner_lr
         self.leader_steps, self.first_order = leader_steps, first_order
+        self.precision_lr_factor = precision_lr_factor
         m = init_particles.shape[0]
         self.kernel = kernel if kernel is not None else ScalarRBFKernel(log_offset=0.0 if m >= 2 else 1.0)
 
@@ -60,9 +64,19 @@ class BMAMLGuide(nn.Module):
         m, p = self.particles.shape
         return self.particles[:, None, None, :].expand(m, num_tasks, 1, p)
 
+    def step_sizes(self, like: Tensor) -> Tensor | float:
+        """The SVGD step per particle coordinate: ``inner_lr`` on the weights, ``inner_lr *
+        precision_lr_factor`` on the log precisions."""
+        if self.precision_lr_factor == 1.0:
+            return self.inner_lr
+        d = self.model.num_weights
+        lr = like.new_full((self.model.particle_dim,), self.inner_lr)
+        lr[d:] = self.inner_lr * self.precision_lr_factor
+        return lr
+
     def _move(self, theta: Tensor, sets: list[tuple[str, Tensor, Tensor]], steps: int, first_order: bool) -> Tensor:
-        return svgd_adapt(lambda th: self.model.log_joint(th, sets), theta, steps, self.inner_lr, self.kernel,
-                          first_order=first_order, particle_dim=0)
+        return svgd_adapt(lambda th: self.model.log_joint(th, sets), theta, steps, self.step_sizes(theta),
+                          self.kernel, first_order=first_order, particle_dim=0)
 
     def follow(self, x: Tensor, y: Tensor, steps: int | None = None) -> Tensor:
         """The follower: SVGD on ``p(theta | x, y)`` from the initial particles, ``[M, T, 1, P]``, on the

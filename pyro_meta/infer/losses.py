@@ -172,15 +172,22 @@ class ChaserLoss:
         L = (1/T) sum_t sum_m || w_tm^(n) - stopgrad(w_tm^(n+s)) ||^2,
 
     over the network weights only (the particles' log precisions are left out of the distance, as in
-    the authors' code). The task mean comes from the trainer's ``1/T`` scale, which this loss reads
-    from a Pyro site like every other objective here; no ELBO is involved.
+    the authors' code). The task mean comes from the trainer's ``1/T`` scale (the enclosing
+    ``poutine.scale``), as for every other objective here; no ELBO is involved.
+
+    :param include_precisions: put the log precisions in the distance too (this library's option,
+        objective ``"chaser-full"``: then the initial noise and weight precisions are pulled towards
+        the leader's, not only moved by the inner loop).
     """
+
+    def __init__(self, include_precisions: bool = False):
+        self.include_precisions = include_precisions
 
     def differentiable_loss(self, model: Any, guide: Any, batch: Any) -> Tensor:
         _check_particle_method(model, guide, batch, "the chaser loss")
         follower = guide.follow(batch.x_support, batch.y_support)  # M T 1 P
         leader = guide.lead(follower, batch)
-        d = model.num_weights
+        d = follower.shape[-1] if self.include_precisions else model.num_weights
         dist2 = (follower[..., :d] - leader[..., :d]).pow(2).sum(-1)  # M T 1
         return _task_scale() * dist2.sum(0).sum()
 
@@ -188,7 +195,7 @@ class ChaserLoss:
         return float(self.differentiable_loss(model, guide, batch).detach())
 
     def __repr__(self) -> str:
-        return "ChaserLoss()"
+        return f"ChaserLoss(include_precisions={self.include_precisions})"
 
 
 class BFALoss:

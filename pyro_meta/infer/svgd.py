@@ -32,10 +32,16 @@ __all__ = ["ScalarRBFKernel", "pyro_global_params", "svgd_adapt", "svgd_directio
 
 
 def _pair_sq_dists(particles: Tensor) -> Tensor:
-    """``||x_n - x_m||^2`` ``[..., N, N]`` (exact differences, not the ``|a|^2 + |b|^2 - 2ab`` form, whose
-    cancellation loses the small distances that set the bandwidth)."""
-    delta = particles.unsqueeze(-3) - particles.unsqueeze(-2)  # ..., N(n), N(m), D: x_m - x_n
-    return delta.pow(2).sum(-1)
+    """``||x_n - x_m||^2`` ``[..., N, N]`` in ``O(N^2 + N D)`` memory: ``|a|^2 + |b|^2 - 2 a.b`` on the
+    particles centred at their mean (centring keeps the cancellation small: the norms are then of the
+    order of the distances), clamped at 0, with an exact zero diagonal. The explicit differences
+    ``[..., N, N, D]`` cost ``N`` times the particles' memory and, on the autograd graph, most of a
+    BMAML step at ``M = 20`` (benchmarks/RESULTS_bmaml.md)."""
+    c = particles - particles.mean(-2, keepdim=True)
+    sq = c.pow(2).sum(-1)  # ..., N
+    d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * (c @ c.transpose(-1, -2))).clamp(min=0.0)
+    n = particles.shape[-2]
+    return d2 * (1.0 - torch.eye(n, dtype=d2.dtype, device=d2.device))
 
 
 class ScalarRBFKernel(SteinKernel):
@@ -135,7 +141,7 @@ def svgd_step(particles: Tensor, log_prob: Callable[[Tensor], Tensor], kernel: S
     return particles + lr * svgd_direction(particles, score, kernel, driving_weight)
 
 
-def svgd_adapt(log_prob: Callable[[Tensor], Tensor], particles: Tensor, steps: int, lr: float,
+def svgd_adapt(log_prob: Callable[[Tensor], Tensor], particles: Tensor, steps: int, lr: float | Tensor,
                kernel: ScalarRBFKernel, first_order: bool = False, particle_dim: int = -2,
                driving_weight: float | Tensor = 1.0) -> Tensor:
     """``steps`` SVGD steps as a pure function (the particles analogue of :func:`sgd_adapt`, whose loop,
@@ -144,6 +150,7 @@ def svgd_adapt(log_prob: Callable[[Tensor], Tensor], particles: Tensor, steps: i
     :param log_prob: ``log_prob(particles) -> scalar``: the sum over particles (and sets) of log p.
     :param particles: particles with the particle axis at ``particle_dim`` and ``D`` last, e.g. BMAML's
         ``[M, T, 1, D]`` with ``particle_dim=0``.
+    :param lr: the step size, or one per coordinate ``[D]`` (broadcast over the particles).
     :param first_order: detach the scores (the kernel terms stay differentiable).
     :returns: the moved particles, same shape.
     """
@@ -157,7 +164,7 @@ def svgd_adapt(log_prob: Callable[[Tensor], Tensor], particles: Tensor, steps: i
         step = svgd_direction(xs, (-g).movedim(pd, -2), kernel, driving_weight)
         return (x + lr * step.movedim(-2, pd),)
 
-    (out,) = sgd_adapt(lambda x: -log_prob(x), (particles,), steps, lr, first_order, update=update)
+    (out,) = sgd_adapt(lambda x: -log_prob(x), (particles,), steps, 0.0, first_order, update=update)
     return out
 
 

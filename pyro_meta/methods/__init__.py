@@ -27,7 +27,8 @@ METHOD_FIELDS = ("inner_steps", "inner_steps_eval", "inner_lr", "noise_std", "le
                  "prior_init_std", "inner_samples", "kl_weight_inner", "kl_weight_outer", "noise_scaled_lr",
                  "objective", "train_samples", "local_reparam", "eval_samples", "kl_estimator", "gamma_init",
                  "encoder_hidden", "amortize", "learned_prior", "inner_step",
-                 "hyperprior_weight", "prior_init_std_hidden", "particles", "leader_steps")
+                 "hyperprior_weight", "prior_init_std_hidden", "particles", "leader_steps",
+                 "precision_lr_factor")
 # Settings that only classification benchmarks (images) have.
 CLASSIFICATION_FIELDS = ("ways", "data_root", "split", "filters", "downsample", "batch_norm")
 
