@@ -35,7 +35,7 @@ TRAIN_FLAGS = {
     "kl_weight_inner": "kl_weight_inner", "kl_weight_outer": "kl_weight_outer", "noise_scaled_lr": "noise_scaled_lr",
     "inner_step": "inner_step", "hyperprior_weight": "hyperprior_weight",
     "prior_init_std_hidden": "prior_init_std_hidden", "particles": "particles", "leader_steps": "leader_steps",
-    "precision_lr_factor": "precision_lr_factor",
+    "precision_lr_factor": "precision_lr_factor", "bandwidth_factor": "bandwidth_factor",
     "train_tasks": "train_tasks",
 }
 # CLI flag -> key of the lr_schedule object (pyro_meta.schedule)
@@ -111,6 +111,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="BMAML chaser: the leader's SVGD steps on support + query (default 1)")
     p.add_argument("--precision-lr-factor", dest="precision_lr_factor", type=float, default=S,
                    help="BMAML: SVGD step on the log precisions = --inner-lr x this (default 1; Omniglot 1e-4)")
+    p.add_argument("--bandwidth-factor", dest="bandwidth_factor", type=float, default=S,
+                   help="BMAML: scale the SVGD kernel's median bandwidth (default 1, the authors'; larger: more "
+                        "repulsion at a distance, experiments/RESULTS_svgd.md)")
     p.add_argument("--train-tasks", dest="train_tasks", type=int, default=S,
                    help="regression: train on a finite set of this many tasks (BMAML's 100 / 1000); default: "
                         "fresh tasks every meta-batch")

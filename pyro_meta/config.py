@@ -82,6 +82,7 @@ class RunConfig:
     particles: int | None = None  # M, SVGD particles per task
     leader_steps: int | None = None  # s, the leader's further SVGD steps on support + query (chaser loss)
     precision_lr_factor: float | None = None  # the SVGD step on the log precisions: inner_lr x this
+    bandwidth_factor: float | None = None  # BMAML: the kernel's median bandwidth x this (1: the authors')
     # evaluation
     eval_samples: int | None = None
     # run
@@ -170,7 +171,7 @@ class RunConfig:
         pos_float("checkpoint_minutes", allow_none=True)
         pos_float("skip_limit")
         for name in ("meta_lr", "inner_lr", "noise_std", "prior_init_std", "gamma_init", "prior_init_std_hidden",
-                     "precision_lr_factor"):
+                     "precision_lr_factor", "bandwidth_factor"):
             pos_float(name, allow_none=True)
         for name in ("kl_weight_inner", "kl_weight_outer", "hyperprior_weight"):
             pos_float(name, allow_none=True, allow_zero=True)

@@ -45,9 +45,9 @@ def particles_to_inference_data(named_particles: Mapping[str, Tensor], *,
     """
     if not named_particles:
         raise ValueError("named_particles is empty: expected {name: tensor [M, ...]}")
-    sizes = {name: _np(v).shape[0] if _np(v).ndim else None for name, v in named_particles.items()}
+    sizes = {name: tuple(v.shape)[:1] for name, v in named_particles.items()}  # (M,) or () for scalars
     num = next(iter(sizes.values()))
-    if num is None or any(s != num for s in sizes.values()):
+    if not num or any(s != num for s in sizes.values()):
         raise ValueError(f"every particle tensor needs the same leading particle count, got {sizes}")
 
     def per_draw(group: Mapping[str, Tensor] | None, what: str) -> dict[str, np.ndarray] | None:
@@ -56,8 +56,8 @@ def particles_to_inference_data(named_particles: Mapping[str, Tensor], *,
         out = {}
         for name, v in group.items():
             a = _np(v)
-            if a.ndim == 0 or a.shape[0] != num:
-                raise ValueError(f"{what}[{name!r}] must lead with the {num} particles, got shape {a.shape}")
+            if a.shape[:1] != num:
+                raise ValueError(f"{what}[{name!r}] must lead with the {num[0]} particles, got shape {a.shape}")
             out[name] = a[None]  # chain=1, draw=M
         return out
 

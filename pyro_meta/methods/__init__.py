@@ -28,7 +28,7 @@ METHOD_FIELDS = ("inner_steps", "inner_steps_eval", "inner_lr", "noise_std", "le
                  "objective", "train_samples", "local_reparam", "eval_samples", "kl_estimator", "gamma_init",
                  "encoder_hidden", "amortize", "learned_prior", "inner_step",
                  "hyperprior_weight", "prior_init_std_hidden", "particles", "leader_steps",
-                 "precision_lr_factor")
+                 "precision_lr_factor", "bandwidth_factor")
 # Settings that only classification benchmarks (images) have.
 CLASSIFICATION_FIELDS = ("ways", "data_root", "split", "filters", "downsample", "batch_norm")
 

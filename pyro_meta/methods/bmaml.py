@@ -42,7 +42,7 @@ def build(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
     model = BMAMLModel(net, None if regression else make_likelihood(cfg), regression=regression, num_particles=m)
     guide = BMAMLGuide(model, initial_particles(net, m, cfg.seed, regression), cfg.inner_steps, cfg.inner_steps_eval,
                        cfg.inner_lr, cfg.leader_steps, cfg.first_order,
-                       kernel=ScalarRBFKernel(log_offset=0.0 if m >= 2 else 1.0),
+                       kernel=ScalarRBFKernel(bandwidth_factor=cfg.bandwidth_factor, log_offset=0.0 if m >= 2 else 1.0),
                        precision_lr_factor=cfg.precision_lr_factor)
     objective = BFALoss() if cfg.objective == "bfa" else ChaserLoss(include_precisions=cfg.objective == "chaser-full")
     return MetaLearner(model, guide, objective, name="bfa" if cfg.objective == "bfa" else "bmaml",
@@ -78,8 +78,11 @@ def protocol(cfg: RunConfig) -> dict[str, Any]:
         "leader_steps": cfg.leader_steps if cfg.objective != "bfa" else "unused (BFA)",
         "precision_step": f"inner_lr x {cfg.precision_lr_factor:g} on log lambda" + (" and log gamma" if regression else "")
                           + (" (the authors' lambda_lr, 1)" if cfg.precision_lr_factor == 1.0 else " (this library's)"),
-        "kernel": "RBF exp(-||x - y||^2 / h), one bandwidth h = median pairwise squared distance / log M, "
-                  "detached (the authors' code; log(M + 1) when M = 1)",
+        "kernel": "RBF exp(-||x - y||^2 / h), one bandwidth h = "
+                  + (f"{cfg.bandwidth_factor:g} x " if cfg.bandwidth_factor != 1.0 else "")
+                  + "median pairwise squared distance / log M, detached (the authors' code"
+                  + ("" if cfg.bandwidth_factor == 1.0 else ", but for the factor: this library's option")
+                  + "; log(M + 1) when M = 1)",
         "prediction": "equal-weight mixture over the M particles (eval_samples = M: one draw per particle)",
         "likelihood": "Gaussian with each particle's own noise precision" if regression else "Categorical (softmax)",
         "gradient_order": ("first (scores detached in the inner loop; kernel terms differentiated)"
@@ -97,7 +100,7 @@ def defaults(benchmark: str, ways: int | None, shots: int) -> dict[str, Any]:
     summed over the 5 support images, so at M = 5 it is a step of 0.2 on the mean cross-entropy (MAML's is
     0.4), before the kernel-weighted gradients of the other particles are added."""
     common = {"objective": "chaser", "leader_steps": 1, "inner_steps": 1, "inner_steps_eval": 10,
-              "eval_samples": None}
+              "eval_samples": None, "bandwidth_factor": 1.0}
     if benchmark in CLASSIFICATION_BENCHMARKS:
         # the log lambda score holds D / 2 = 56,000 on conv4: a step of 0.2 on it would overflow lambda
         return {**common, "particles": 5, "inner_lr": 0.2, "precision_lr_factor": 1e-4}

@@ -160,14 +160,20 @@ class BNNRegression:
             pyro.sample("y", dist.Normal(f, noise_std), obs=None if y is None else y[idx])
         return f
 
-    def init_particles(self, num: int, x: Tensor, y: Tensor) -> Tensor:
+    def init_particles(self, num: int, x: Tensor, y: Tensor, lambda_rate: float | None = None) -> Tensor:
         """Starting networks ``[num, P]`` as in [1]'s code: ``w1 ~ N(0, 1/(d+1))``, ``w2 ~ N(0, 1/(H+1))``, zero
-        biases, ``lambda`` drawn from its Gamma prior, ``gamma`` = 1 / (the network's mean squared error on up
-        to 1000 training points). Draws from torch's global generator (``pyro.set_rng_seed`` seeds it)."""
+        biases, ``lambda ~ Gamma(a0, rate=lambda_rate)``, ``gamma`` = 1 / (the network's mean squared error on
+        up to 1000 training points). Draws from torch's global generator (``pyro.set_rng_seed`` seeds it).
+
+        :param lambda_rate: default ``1 / b0``, as [1]'s code has it (it passes ``b0`` to numpy's
+            ``gamma(shape, scale)``, so lambda starts near ``a0 * b0 = 0.1``: a weak weight prior); ``b0``
+            draws lambda from its prior instead (mean ``a0 / b0 = 10``).
+        """
         d, h = self.in_dim, self.hidden
         w1 = torch.randn(num, d * h) / math.sqrt(d + 1)
         w2 = torch.randn(num, h) / math.sqrt(h + 1)
-        lam = torch.distributions.Gamma(self.prior_shape, self.prior_rate).sample((num,))
+        rate = 1.0 / self.prior_rate if lambda_rate is None else lambda_rate
+        lam = torch.distributions.Gamma(self.prior_shape, rate).sample((num,))
         zeros = torch.zeros(num, 1)
         theta = torch.cat([w1, zeros.expand(num, h), w2, zeros, zeros, lam.log().unsqueeze(-1)], -1)
         idx = torch.randperm(x.shape[0])[:1000]
