@@ -34,7 +34,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyro
 import torch
 from bench_sinusoid import (  # the sinusoid benchmark's measuring protocol
     _loadavg,
@@ -42,10 +41,10 @@ from bench_sinusoid import (  # the sinusoid benchmark's measuring protocol
     _ms,
     _rate,
     _sync,
-    machine_info,
     make_step,
     peak_memory,
     rss_peak_works,
+    start_benchmark,
     time_paths,
 )
 
@@ -433,13 +432,7 @@ def render(args: argparse.Namespace, argv: Sequence[str], info: dict[str, str], 
 
 
 def main(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
-    t_start = time.perf_counter()
-    load0 = _loadavg()
-    pyro.enable_validation(False)
-    torch.set_default_dtype(torch.float32)
-    if args.device == "cpu" and args.threads > 0:
-        torch.set_num_threads(args.threads)
-    info = machine_info(args.device)
+    t_start, load0, info = start_benchmark(args)
     print("machine:", "; ".join(f"{k} {v}" for k, v in info.items()), f"; load {load0}", flush=True)
     rss_ok = args.device == "cuda" or rss_peak_works()
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import bench_sinusoid  # the sinusoid benchmark's protocol: timing, peak memory, machine info
 import pyro
 import torch
-from bench_sinusoid import _loadavg, machine_info, make_step, peak_memory, rss_peak_works
+from bench_sinusoid import _loadavg, make_step, peak_memory, rss_peak_works, start_benchmark
 from reference_conv import CeilingConv4, ceiling_inputs, reference_for
 
 from pyro_meta.config import RunConfig
@@ -476,13 +476,7 @@ def render(args, argv: Sequence[str], info: dict[str, str], checks: list[Check],
 
 
 def main(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
-    t_start = time.perf_counter()
-    load0 = _loadavg()
-    pyro.enable_validation(False)
-    torch.set_default_dtype(torch.float32)
-    if args.device == "cpu" and args.threads > 0:
-        torch.set_num_threads(args.threads)
-    info = machine_info(args.device)
+    t_start, load0, info = start_benchmark(args)
     if args.device == "cuda":
         info["cuDNN"] = (f"{torch.backends.cudnn.version()}, benchmark={torch.backends.cudnn.benchmark}, "
                          f"allow_tf32={torch.backends.cudnn.allow_tf32}; matmul allow_tf32="

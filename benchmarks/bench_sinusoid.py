@@ -566,14 +566,20 @@ def _loadavg() -> str:
         return "n/a"
 
 
-def main(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+def start_benchmark(args: argparse.Namespace) -> tuple[float, str, dict[str, str]]:
+    """What every benchmark script does first: its start time, the load average, the training settings
+    (validation off, float32, ``--threads`` on CPU) and the machine's description."""
     t_start = time.perf_counter()
     load0 = _loadavg()
     pyro.enable_validation(False)
     torch.set_default_dtype(torch.float32)
     if args.device == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
-    info = machine_info(args.device)
+    return t_start, load0, machine_info(args.device)
+
+
+def main(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    t_start, load0, info = start_benchmark(args)
     print("machine:", "; ".join(f"{k} {v}" for k, v in info.items()), flush=True)
 
     checks = self_check(tasks=3 if args.quick else 4)
