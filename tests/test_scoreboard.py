@@ -158,7 +158,9 @@ def test_a_time_budget_stops_a_run_that_resumes_and_finishes(tmp_path):
     log = _log(run)
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, res.step + 1))
-    assert steps[-2]["seconds"] < budget  # the step before the last one was within the budget
+    # the step before the last one was within the budget (metrics.jsonl rounds seconds to 1 ms, so a time
+    # just under the budget can be logged as equal to it: CI saw 0.6 for a 0.6 s budget)
+    assert steps[-2]["seconds"] <= budget
     event = log[-1]
     assert event["event"] == "time_budget" and event["step"] == res.step and event["steps_asked"] == 100_000
     assert json.loads((run / "config.json").read_text())["steps"] == res.step
