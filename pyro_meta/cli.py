@@ -180,7 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     _compare_parser(sub)
+    _vi_parser(sub)
     return parser
+
+
+def _vi_parser(sub: argparse._SubParsersAction) -> None:
+    from .vi.experiment import add_arguments
+
+    p = sub.add_parser("vi", help="variational inference from first principles (the examples before meta-learning)")
+    vi = p.add_subparsers(dest="example", required=True)
+    add_arguments(vi.add_parser("mixture", help="the Bayesian mixture of Gaussians: CAVI vs SVI vs NUTS, side by "
+                                                "side (ELBO traces, posteriors over mu and assignments)"))
+
+
+def cmd_vi(args: argparse.Namespace) -> int:
+    from .vi.experiment import run
+
+    return run(args)
 
 
 def _compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -332,7 +348,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "list": cmd_list,
-            "download": cmd_download, "demo": cmd_demo, "compare": cmd_compare}
+            "download": cmd_download, "demo": cmd_demo, "compare": cmd_compare, "vi": cmd_vi}
 
 
 def describe_os_error(e: OSError) -> str:
