@@ -336,7 +336,7 @@ def scaling_text(rows: list[Row], device: str) -> list[str]:
         "Where the M-dependence comes from: every SVGD step evaluates the M particles' scores with one "
         "`autograd.grad` over a `[M, T, N]` batch of network passes (O(M D) per task), and the kernel: "
         "`ScalarRBFKernel.kernel_and_repulsion` forms the pairwise squared distances from the centred "
-        "particles' Gram matrix (`_pair_sq_dists`: a `[T, 1, M, M]` result from an O(M^2 D) matmul, O(M D) "
+        "particles' Gram matrix (`_centred_sq_dists`: a `[T, 1, M, M]` result from an O(M^2 D) matmul, O(M D) "
         "memory) and `K @ scores` (O(M^2 D) time). At these M the network passes dominate, so the step is "
         "close to linear in M. (Before the Gram form, explicit `[T, 1, M, M, D+2]` differences on the graph "
         "made the step grow like M^2.6 between M = 10 and 20.)",

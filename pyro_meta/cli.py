@@ -70,9 +70,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-norm", dest="batch_norm", default=S, help="conv4 batch norm: task (default) or none")
     p.add_argument("--objective", default=S,
                    help="the training objective; VERSA: ml-pip (default, the paper's) or elbo; ABML: predictive "
-                        "(default), paper, joint or support; amortized: joint (default) or query; BMAML: chaser (default), bfa or "
-                        "chaser-full; see "
-                        "`pyro-meta list` and the README")
+                        "(default), paper, joint or support; amortized: joint (default) or query; BMAML: chaser "
+                        "(default), bfa or chaser-full; see `pyro-meta list` and the README")
     p.add_argument("--kl-estimator", dest="kl_estimator", choices=["mc", "analytic"], default=S,
                    help="KL term of the objective: mc (one sample, Trace_ELBO) or analytic (TraceMeanField_ELBO)")
     p.add_argument("--train-samples", dest="train_samples", type=int, default=S,
@@ -106,7 +105,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="ABML: scale of log p(theta) per meta-batch (see README, 'Protocol choices')")
     p.add_argument("--prior-init-std-hidden", dest="prior_init_std_hidden", type=float, default=S,
                    help="ABML: initial prior std of the hidden layers (default: --prior-init-std)")
-    p.add_argument("--particles", type=int, default=S, help="BMAML: SVGD particles per task (default 5)")
+    p.add_argument("--particles", type=int, default=S, help="BMAML: SVGD particles per task (default 10; Omniglot 5)")
     p.add_argument("--leader-steps", dest="leader_steps", type=int, default=S,
                    help="BMAML chaser: the leader's SVGD steps on support + query (default 1)")
     p.add_argument("--precision-lr-factor", dest="precision_lr_factor", type=float, default=S,

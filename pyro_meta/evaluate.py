@@ -16,7 +16,6 @@ from torch import Tensor
 
 from . import metrics as M
 from .learner import MetaLearner
-from .models.base import WeightSpaceModel
 from .tasks import TaskBatch
 
 QUERY_SITE = "y_query"
@@ -164,12 +163,10 @@ CHUNK_VALUES = 50_000_000
 
 
 def per_task_weights(learner: MetaLearner) -> int:
-    """How many network weights each task draws: ``D`` for a weight-space model (MAML, ABML: a copy
-    of the task network per task and draw), 0 otherwise (e.g. VERSA's shared feature extractor)."""
-    model = getattr(learner, "model", None)
-    if isinstance(getattr(model, "per_task_weights", None), int):  # e.g. BMAML's particles
-        return model.per_task_weights
-    return model.net.num_params if isinstance(model, WeightSpaceModel) else 0
+    """How many values each task draws per posterior draw: the model's ``per_task_weights`` (a weight-space
+    model: ``D``, a copy of the task network per task and draw; BMAML: a particle's length), 0 for a model
+    without one (e.g. VERSA's shared feature extractor)."""
+    return int(getattr(getattr(learner, "model", None), "per_task_weights", 0))
 
 
 def default_task_chunk(learner: MetaLearner, num_samples: int, cap: int = 100) -> int:

@@ -27,6 +27,12 @@ from ..models.bmaml import BMAMLModel, enclosing_draws, particles_plate
 from ..tasks import TaskBatch
 
 
+def bmaml_kernel(num_particles: int, bandwidth_factor: float = 1.0) -> ScalarRBFKernel:
+    """BMAML's kernel: one bandwidth, ``h = bandwidth_factor * median / log M`` (``log 2`` when ``M = 1``,
+    where the authors' ``log 1 = 0`` would divide by zero)."""
+    return ScalarRBFKernel(bandwidth_factor=bandwidth_factor, log_offset=0.0 if num_particles >= 2 else 1.0)
+
+
 class BMAMLGuide(nn.Module):
     """:param model: the :class:`~pyro_meta.models.BMAMLModel`.
     :param init_particles: the initial particles ``[M, P]`` (meta-parameters).
@@ -35,7 +41,7 @@ class BMAMLGuide(nn.Module):
     :param inner_lr: the SVGD step size.
     :param leader_steps: ``s``, the leader's further steps on support + query.
     :param first_order: detach the scores in the inner loop (the kernel terms stay differentiable).
-    :param kernel: the Stein kernel (default: a scalar RBF with BMAML's ``h = med / log M``).
+    :param kernel: the Stein kernel (default: :func:`bmaml_kernel`).
     :param precision_lr_factor: the SVGD step on the particles' log precisions is ``inner_lr`` times this
         (the authors' code has this factor, 1 by default). The score of ``log lambda`` holds ``D / 2``, so
         for a network with ~1e5 weights a step that suits the weights throws ``lambda`` to overflow.
@@ -52,8 +58,8 @@ class BMAMLGuide(nn.Module):
         self.inner_steps, self.inner_steps_eval, self.inner_lr = inner_steps, inner_steps_eval, inner_lr
         self.leader_steps, self.first_order = leader_steps, first_order
         self.precision_lr_factor = precision_lr_factor
-        m = init_particles.shape[0]
-        self.kernel = kernel if kernel is not None else ScalarRBFKernel(log_offset=0.0 if m >= 2 else 1.0)
+        self.kernel = kernel if kernel is not None else bmaml_kernel(init_particles.shape[0])
+        self._step_sizes: tuple[tuple, Tensor] | None = None  # (settings, per-coordinate step sizes)
 
     @property
     def num_particles(self) -> int:
@@ -69,10 +75,12 @@ class BMAMLGuide(nn.Module):
         precision_lr_factor`` on the log precisions."""
         if self.precision_lr_factor == 1.0:
             return self.inner_lr
-        d = self.model.num_weights
-        lr = like.new_full((self.model.particle_dim,), self.inner_lr)
-        lr[d:] = self.inner_lr * self.precision_lr_factor
-        return lr
+        key = (self.inner_lr, self.precision_lr_factor, like.dtype, like.device)
+        if self._step_sizes is None or self._step_sizes[0] != key:  # built once, not every step
+            lr = like.new_full((self.model.particle_dim,), self.inner_lr)
+            lr[self.model.num_weights:] = self.inner_lr * self.precision_lr_factor
+            self._step_sizes = (key, lr)
+        return self._step_sizes[1]
 
     def _move(self, theta: Tensor, sets: list[tuple[str, Tensor, Tensor]], steps: int, first_order: bool) -> Tensor:
         return svgd_adapt(lambda th: self.model.log_joint(th, sets), theta, steps, self.step_sizes(theta),

@@ -25,7 +25,19 @@ def _per_task_mean(lme: Tensor) -> Tensor:
     return lme.mean(-1)
 
 
-class MLPIP:
+class _Objective:
+    """What the objectives here share with Pyro's ELBOs besides ``differentiable_loss``: ``loss``, the value
+    without a graph."""
+
+    def differentiable_loss(self, model: Any, guide: Any, batch: Any) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def loss(self, model: Any, guide: Any, batch: Any) -> float:
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, batch))
+
+
+class MLPIP(_Objective):
     """VERSA's ML-PIP objective (Gordon et al., ICLR 2019, eq. 4): for each task, the average over its
     query points of the log of the Monte Carlo predictive,
 
@@ -90,15 +102,11 @@ class MLPIP:
             return self._local_reparam(model, guide, batch)
         return self._weight_samples(model, guide, batch)
 
-    def loss(self, model: Any, guide: Any, batch: Any) -> float:
-        with torch.no_grad():
-            return float(self.differentiable_loss(model, guide, batch))
-
     def __repr__(self) -> str:
         return f"MLPIP(num_samples={self.num_samples}, local_reparam={self.local_reparam})"
 
 
-class PredictiveELBO:
+class PredictiveELBO(_Objective):
     """The ELBO of the support set plus the log posterior-predictive density of the query set:
 
         L_t = E_q[log p(y_s | phi) + log p(phi | theta) - log q(phi)]
@@ -147,10 +155,6 @@ class PredictiveELBO:
         predictive = log_mean_exp(log_lik, 0)  # T
         return -(elbo + (site["scale"] * predictive).sum())
 
-    def loss(self, model: Any, guide: Any, batch: Any) -> float:
-        with torch.no_grad():
-            return float(self.differentiable_loss(model, guide, batch))
-
     def __repr__(self) -> str:
         return f"PredictiveELBO(num_samples={self.num_samples})"
 
@@ -164,7 +168,7 @@ def _check_particle_method(model: Any, guide: Any, batch: Any, what: str) -> Non
                             f"(BMAMLGuide / BMAMLModel); {type(obj).__name__} has no {attr}()")
 
 
-class ChaserLoss:
+class ChaserLoss(_Objective):
     """BMAML's chaser loss (Yoon et al., NeurIPS 2018, eq. 6): the follower ``Theta_n`` (``n`` SVGD steps
     on the support set from the meta-learned initial particles) chases the leader ``Theta_{n+s}`` (``s``
     more steps on support + query, gradient stopped):
@@ -191,14 +195,11 @@ class ChaserLoss:
         dist2 = (follower[..., :d] - leader[..., :d]).pow(2).sum(-1)  # M T 1
         return _task_scale() * dist2.sum(0).sum()
 
-    def loss(self, model: Any, guide: Any, batch: Any) -> float:
-        return float(self.differentiable_loss(model, guide, batch).detach())
-
     def __repr__(self) -> str:
         return f"ChaserLoss(include_precisions={self.include_precisions})"
 
 
-class BFALoss:
+class BFALoss(_Objective):
     """BMAML's Bayesian fast adaptation objective (Yoon et al., eq. 4): the log predictive of the query set
     under the follower's particles (``n`` SVGD steps on the support set), an equal-weight mixture,
 
@@ -211,9 +212,6 @@ class BFALoss:
         follower = guide.follow(batch.x_support, batch.y_support)  # M T 1 P
         log_lik = model.log_likelihood(follower, batch.x_query, batch.y_query)  # M T
         return -_task_scale() * log_mean_exp(log_lik, 0).sum()
-
-    def loss(self, model: Any, guide: Any, batch: Any) -> float:
-        return float(self.differentiable_loss(model, guide, batch).detach())
 
     def __repr__(self) -> str:
         return "BFALoss()"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import pyro
 import torch
 from pyro.infer.svgd import SteinKernel
 from torch import Tensor
@@ -31,17 +32,17 @@ from .adapt import sgd_adapt
 __all__ = ["ScalarRBFKernel", "pyro_global_params", "svgd_adapt", "svgd_direction", "svgd_step"]
 
 
-def _pair_sq_dists(particles: Tensor) -> Tensor:
-    """``||x_n - x_m||^2`` ``[..., N, N]`` in ``O(N^2 + N D)`` memory: ``|a|^2 + |b|^2 - 2 a.b`` on the
-    particles centred at their mean (centring keeps the cancellation small: the norms are then of the
-    order of the distances), clamped at 0, with an exact zero diagonal. The explicit differences
-    ``[..., N, N, D]`` cost ``N`` times the particles' memory and, on the autograd graph, most of a
-    BMAML step at ``M = 20`` (benchmarks/RESULTS_bmaml.md)."""
+def _centred_sq_dists(particles: Tensor) -> tuple[Tensor, Tensor]:
+    """The particles centred at their mean ``[..., N, D]``, and ``||x_n - x_m||^2`` ``[..., N, N]`` in
+    ``O(N^2 + N D)`` memory: ``|a|^2 + |b|^2 - 2 a.b`` on the centred particles (centring keeps the
+    cancellation small: the norms are then of the order of the distances), clamped at 0, with an exact
+    zero diagonal. The explicit differences ``[..., N, N, D]`` cost ``N`` times the particles' memory
+    and, on the autograd graph, most of a BMAML step at ``M = 20`` (benchmarks/RESULTS_bmaml.md)."""
     c = particles - particles.mean(-2, keepdim=True)
     sq = c.pow(2).sum(-1)  # ..., N
     d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * (c @ c.transpose(-1, -2))).clamp(min=0.0)
     n = particles.shape[-2]
-    return d2 * (1.0 - torch.eye(n, dtype=d2.dtype, device=d2.device))
+    return c, d2 * (1.0 - torch.eye(n, dtype=d2.dtype, device=d2.device))
 
 
 class ScalarRBFKernel(SteinKernel):
@@ -83,7 +84,7 @@ class ScalarRBFKernel(SteinKernel):
             return particles.new_full(particles.shape[:-2], self.fixed_bandwidth)
         if n < 2:
             return particles.new_ones(particles.shape[:-2])
-        d2 = (_pair_sq_dists(particles) if sq_dists is None else sq_dists).detach()
+        d2 = (_centred_sq_dists(particles)[1] if sq_dists is None else sq_dists).detach()
         iu = torch.triu_indices(n, n, offset=1, device=particles.device)
         pairs = d2[..., iu[0], iu[1]]  # ..., N(N-1)/2
         med = torch.quantile(pairs, 0.5, dim=-1)  # numpy's median (the mean of the two middle values)
@@ -95,10 +96,9 @@ class ScalarRBFKernel(SteinKernel):
         ``sum_m grad_{x_m} k(x_m, x_n) = (2 / h) (x_n sum_m K[n, m] - sum_m K[n, m] x_m)`` ``[..., N, D]``,
         formed on the particles centred at their mean (it is translation invariant; uncentred, float32
         cancellation cost 3% far from the origin, ``tests/test_svgd.py``)."""
-        d2 = _pair_sq_dists(particles)
+        c, d2 = _centred_sq_dists(particles)
         h = self.bandwidth(particles, d2).unsqueeze(-1).unsqueeze(-1)  # ..., 1, 1
         k = torch.exp(-d2 / h)
-        c = particles - particles.mean(-2, keepdim=True)
         repulsion = (2.0 / h) * (c * k.sum(-1, keepdim=True) - k @ c)
         return k, repulsion
 
@@ -140,12 +140,8 @@ def svgd_step(particles: Tensor, log_prob: Callable[[Tensor], Tensor], kernel: S
         particle's gradient is then its own score: one ``autograd.grad`` for all sets and particles).
     :param create_graph: keep second-order terms (the score's dependence on the particles).
     """
-    with torch.enable_grad():
-        x = particles if particles.requires_grad else particles.detach().requires_grad_()
-        (score,) = torch.autograd.grad(log_prob(x), x, create_graph=create_graph)
-    if not create_graph:
-        score = score.detach()
-    return particles + lr * svgd_direction(particles, score, kernel, driving_weight)
+    return svgd_adapt(log_prob, particles, 1, lr, kernel, first_order=not create_graph,
+                      driving_weight=driving_weight)
 
 
 def svgd_adapt(log_prob: Callable[[Tensor], Tensor], particles: Tensor, steps: int, lr: float | Tensor,
@@ -193,6 +189,4 @@ def pyro_global_params():  # noqa: ANN201 - a context manager
                 svgd.step(x, y)
             particles = svgd.get_named_particles()
     """
-    import pyro
-
     return pyro.settings.context(module_local_params=False)

@@ -9,9 +9,8 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..guides.bmaml import BMAMLGuide
+from ..guides.bmaml import BMAMLGuide, bmaml_kernel
 from ..infer.losses import BFALoss, ChaserLoss
-from ..infer.svgd import ScalarRBFKernel
 from ..learner import MetaLearner
 from ..models.bmaml import NOISE_PRECISION_PRIOR, WEIGHT_PRECISION_PRIOR, BMAMLModel
 from ..nn import FunctionalNet
@@ -42,7 +41,7 @@ def build(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
     model = BMAMLModel(net, None if regression else make_likelihood(cfg), regression=regression, num_particles=m)
     guide = BMAMLGuide(model, initial_particles(net, m, cfg.seed, regression), cfg.inner_steps, cfg.inner_steps_eval,
                        cfg.inner_lr, cfg.leader_steps, cfg.first_order,
-                       kernel=ScalarRBFKernel(bandwidth_factor=cfg.bandwidth_factor, log_offset=0.0 if m >= 2 else 1.0),
+                       kernel=bmaml_kernel(m, cfg.bandwidth_factor),
                        precision_lr_factor=cfg.precision_lr_factor)
     objective = BFALoss() if cfg.objective == "bfa" else ChaserLoss(include_precisions=cfg.objective == "chaser-full")
     return MetaLearner(model, guide, objective, name="bfa" if cfg.objective == "bfa" else "bmaml",

@@ -14,6 +14,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions.transforms import ExpTransform
 from torch import Tensor, nn
 
 from ..likelihoods import Likelihood
@@ -23,6 +24,13 @@ from ..tasks import TaskBatch
 TASK_DIM = -2
 POINT_DIM = -1
 SCORE_CHOICES = ("query", "support+query", "support")
+
+
+def log_gamma_dist(concentration: float, rate: float, like: Tensor) -> dist.Distribution:
+    """The law of ``log g`` for ``g ~ Gamma(concentration, rate)``, density ``Gamma(e^u) e^u``: a precision
+    carried in log space (BMAML's particles, the SVGD Bayesian network). ``like``: dtype and device."""
+    base = dist.Gamma(like.new_tensor(concentration), like.new_tensor(rate))
+    return dist.TransformedDistribution(base, [ExpTransform().inv])
 
 
 def tasks_plate(num_tasks: int) -> pyro.plate:
@@ -79,6 +87,11 @@ class WeightSpaceModel(nn.Module):
     def phi_prior(self, batch: TaskBatch) -> dist.Distribution:
         """The prior over one task's flat weights: batch shape ``[..., 1, 1]`` or ``[]``, event ``[D]``."""
         raise NotImplementedError
+
+    @property
+    def per_task_weights(self) -> int:
+        """Network weights each task draws per posterior draw (the evaluator's chunking reads it)."""
+        return self.net.num_params
 
     def weights(self, phi: Tensor) -> Tensor:
         """The task network's full flat weights ``[..., D]`` from one task's latent ``phi [..., D_phi]``:

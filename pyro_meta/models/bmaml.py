@@ -24,14 +24,13 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.distributions.transforms import ExpTransform
 from pyro.poutine.runtime import get_plates
 from torch import Tensor, nn
 
 from ..likelihoods import Likelihood
 from ..nn import FunctionalNet
 from ..tasks import TaskBatch
-from .base import POINT_DIM, TASK_DIM, tasks_plate
+from .base import POINT_DIM, TASK_DIM, log_gamma_dist, tasks_plate
 
 # Gamma(concentration, rate) hyperparameters of the authors' code
 WEIGHT_PRECISION_PRIOR = (2.0, 2.0)
@@ -52,12 +51,6 @@ def particles_plate(num_particles: int):  # noqa: ANN201 - a context manager
     if enclosing_draws() is not None:
         return contextlib.nullcontext()
     return pyro.plate("particles", num_particles, dim=PARTICLES_DIM)
-
-
-def log_gamma_dist(concentration: float, rate: float, like: Tensor) -> dist.Distribution:
-    """The law of ``log g``, ``g ~ Gamma(concentration, rate)`` (a scalar distribution)."""
-    base = dist.Gamma(like.new_tensor(concentration), like.new_tensor(rate))
-    return dist.TransformedDistribution(base, [ExpTransform().inv])
 
 
 class BMAMLModel(nn.Module):
@@ -83,7 +76,7 @@ class BMAMLModel(nn.Module):
 
     @property
     def per_task_weights(self) -> int:
-        """Per-task values each draw holds (the evaluator's chunking reads it)."""
+        """Per-task values each draw holds (the evaluator's chunking reads it): a particle's length."""
         return self.particle_dim
 
     @property
@@ -101,14 +94,8 @@ class BMAMLModel(nn.Module):
             out["log_gamma"] = theta[..., d + 1]
         return out
 
-    def pack(self, values: dict[str, Tensor]) -> Tensor:
-        parts = [values["w"], values["log_lambda"].unsqueeze(-1)]
-        if self.regression:
-            parts.append(values["log_gamma"].unsqueeze(-1))
-        return torch.cat(parts, -1)
-
     # ------------------------------------------------------------------ the Pyro program
-    def _latents(self, num_tasks: int, like: Tensor) -> dict[str, Tensor]:
+    def _latents(self, like: Tensor) -> dict[str, Tensor]:
         """Sample sites of one task's latents inside the tasks plate (the caller opens it)."""
         log_lam = pyro.sample("log_lambda", log_gamma_dist(*WEIGHT_PRECISION_PRIOR, like))  # ..., T, 1
         out = {"log_lambda": log_lam}
@@ -132,7 +119,7 @@ class BMAMLModel(nn.Module):
         (one network pass per set: batch statistics, where the net has them, come from each set alone)."""
         x0 = sets[0][1]
         with tasks_plate(x0.shape[0]):
-            latents = self._latents(x0.shape[0], x0.new_zeros(()))
+            latents = self._latents(x0.new_zeros(()))
             for site, x, y in sets:
                 with pyro.plate(f"{site}_points", x.shape[1], dim=POINT_DIM):
                     pyro.sample(site, self.observation(latents, x), obs=y)

@@ -45,12 +45,9 @@ import torch
 from pyro.distributions import constraints
 from torch import Tensor
 
+from .base import log_gamma_dist
+
 __all__ = ["BNNPrior", "BNNRegression", "predictive_scores"]
-
-
-def _log_gamma_density_of_log(u: Tensor, shape: float, rate: float) -> Tensor:
-    """``log p(u)`` for ``u = log g``, ``g ~ Gamma(shape, rate)``: ``a log b - lgamma(a) + a u - b e^u``."""
-    return shape * math.log(rate) - math.lgamma(shape) + shape * u - rate * u.exp()
 
 
 class BNNPrior(dist.TorchDistribution):
@@ -81,8 +78,8 @@ class BNNPrior(dist.TorchDistribution):
         w, log_gamma, log_lambda = value[..., :-2], value[..., -2], value[..., -1]
         # sum_j log N(w_j | 0, 1/lambda)
         log_w = 0.5 * self.num_weights * (log_lambda - math.log(2 * math.pi)) - 0.5 * log_lambda.exp() * w.pow(2).sum(-1)
-        return (log_w + _log_gamma_density_of_log(log_gamma, self.shape, self.rate)
-                + _log_gamma_density_of_log(log_lambda, self.shape, self.rate))
+        log_precision = log_gamma_dist(self.shape, self.rate, value)
+        return log_w + log_precision.log_prob(log_gamma) + log_precision.log_prob(log_lambda)
 
     def sample(self, sample_shape=torch.Size()) -> Tensor:
         shape = torch.Size(sample_shape)
