@@ -184,18 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _vi_parser(sub: argparse._SubParsersAction) -> None:
-    from .vi.experiment import add_arguments
+    from .vi import experiment, vae_experiment
 
     p = sub.add_parser("vi", help="variational inference from first principles (the examples before meta-learning)")
     vi = p.add_subparsers(dest="example", required=True)
-    add_arguments(vi.add_parser("mixture", help="the Bayesian mixture of Gaussians: CAVI vs SVI vs NUTS, side by "
-                                                "side (ELBO traces, posteriors over mu and assignments)"))
+    experiment.add_arguments(vi.add_parser(
+        "mixture", help="the Bayesian mixture of Gaussians: CAVI vs SVI vs NUTS, side by side (ELBO traces, "
+                        "posteriors over mu and assignments)"))
+    vae_experiment.add_arguments(vi.add_parser(
+        "vae", help="a VAE (or IWAE) on binarized 28x28 Omniglot, trained by the meta-learners' trainer; test "
+                    "log-likelihood by the k = 5000 importance-weighted bound; reconstructions, samples, latents"))
 
 
 def cmd_vi(args: argparse.Namespace) -> int:
-    from .vi.experiment import run
+    from .vi import experiment, vae_experiment
 
-    return run(args)
+    return (vae_experiment if args.example == "vae" else experiment).run(args)
 
 
 def _compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -237,6 +241,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     given = _given(args)
     if getattr(args, "benchmark", None) is not None:
         given["benchmark"] = args.benchmark
+    if given.get("method") in ("vae", "iwae") or given.get("benchmark") == "omniglot_images":
+        raise ConfigError("the VAE on Omniglot images is not a meta-learner: train it with `pyro-meta vi vae --out DIR "
+                          "[--objective elbo|iwae --k K]` (the same trainer; see the README, 'Variational "
+                          "inference from first principles')")
     if args.resume is not None:
         if args.config is not None:
             raise ConfigError("--resume reads the run's own config.json; do not pass --config with it")
@@ -383,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         what = "terminated" if isinstance(e, Terminated) else "interrupted"
         ckpt, run = getattr(e, "checkpoint", None), getattr(e, "run_dir", None)
         if ckpt is not None:
-            msg = (f"{what}; the run's checkpoint on disk is at step {e.step} ({ckpt}): continue with "
-                   f"`pyro-meta train --resume {ckpt.parent}`")
+            again = getattr(e, "resume_command", None) or f"pyro-meta train --resume {ckpt.parent}"
+            msg = f"{what}; the run's checkpoint on disk is at step {e.step} ({ckpt}): continue with `{again}`"
         elif run is not None:
             msg = (f"{what} before the run's first checkpoint; nothing to resume: run the same command again "
                    f"(it reuses {run})")

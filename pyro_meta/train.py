@@ -212,6 +212,10 @@ def fit(
 ) -> FitResult:
     """Meta-train ``learner`` on meta-batches drawn from ``tasks`` with Adam on ``learner.loss``.
 
+    ``learner`` is a :class:`MetaLearner`, or any ``nn.Module`` with ``loss(batch)`` that names the
+    batches it takes in a ``batch_type`` attribute (and may check the first one in ``check_batch``):
+    :class:`pyro_meta.vi.vae.VAE` trains here on an image stream with the same checkpoints and guards.
+
     :param tasks: a task stream (``benchmark.train``: it saves and restores its position, so a resumed
         run sees the same tasks as an uninterrupted one), a ``TaskBatch`` or a list of them (cycled in
         order, position saved), or any iterable of ``TaskBatch`` (a generator trains, but a run on one
@@ -370,7 +374,8 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
     log_file = open(out / METRICS, "a") if out is not None else None  # noqa: SIM115
     for ev in events:
         log(ev)
-    bar = Progress(steps, step, f"meta-train {learner.name}", enabled=progress)
+    bar = Progress(steps, step, getattr(learner, "progress_label", f"meta-train {learner.name}"), enabled=progress)
+    batch_type, check = _batch_contract(learner)
     last_loss = float("nan")
     start_step, t0 = step, time.perf_counter()
     learner.train()
@@ -400,13 +405,13 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
                         f"the task source ran out after {step - start_step} meta-batches of this call (step "
                         f"{step} of {steps}); give fit an endless stream (get_benchmark(...).train) or a list "
                         "of TaskBatch, which is cycled") from None
-                if not isinstance(batch, TaskBatch):
-                    raise TypeError(f"the task source gave a {type(batch).__name__}, not a TaskBatch")
+                if not isinstance(batch, batch_type):
+                    raise TypeError(f"the task source gave a {type(batch).__name__}, not a {batch_type.__name__}")
                 batch = batch.to(dev)
                 if not checked:
                     # with the RNG as it was, so a checked run draws exactly what an unchecked one does
                     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                        check_learner(learner, batch)
+                        check(batch)
                     checked = True
                 lr = set_lr()
                 loss = learner.loss(batch)
@@ -469,6 +474,19 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
     elapsed += time.perf_counter() - t0
     save()
     return FitResult(step, skipped, elapsed, last_loss, history, out_of_time)
+
+
+def _batch_contract(learner: Any) -> tuple[type, Any]:
+    """What the learner trains on and how its first batch is checked: a :class:`MetaLearner` takes
+    :class:`TaskBatch` and :func:`check_learner`; any other module with ``loss(batch)`` declares
+    ``batch_type`` and may declare ``check_batch(batch)`` (the VAE of :mod:`pyro_meta.vi.vae` does)."""
+    batch_type = getattr(learner, "batch_type", TaskBatch)
+    check = getattr(learner, "check_batch", None)
+    if check is None:
+        def check(batch: Any) -> None:
+            if isinstance(batch, TaskBatch):
+                check_learner(learner, batch)
+    return batch_type, check
 
 
 def _limit_text(limit: float) -> str:
