@@ -58,3 +58,19 @@ def test_bench_bmaml_quick_writes_rows_for_every_configuration(tmp_path):
         row = re.search(rf"^\| {method} \| {m} \| 2 \| 5 \| ([0-9.]+) \|.*\| yes \|$", text, re.MULTILINE)
         assert row is not None, f"no evaluation row for {method}:\n{text}"
     assert "Warning: non-finite" not in text
+
+
+def test_bench_vae_quick_passes_its_self_check_and_writes_every_row(tmp_path):
+    out = tmp_path / "r.md"
+    script = REPO / "benchmarks" / "bench_vae.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--configs", "elbo:1,iwae:5", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    text = out.read_text()
+    assert "python benchmarks/bench_vae.py --quick --configs elbo:1,iwae:5 --out" in text
+    assert "torch threads:" in text and "pyro-ppl:" in text
+    for obj, k in (("elbo", 1), ("iwae", 5)):
+        row = re.search(rf"^\| {obj} \| {k} \| ([0-9.]+) \| ([0-9.]+) \|", text, re.MULTILINE)
+        assert row is not None and float(row.group(1)) > 0 and float(row.group(2)) > 0, text
+    errs = [float(e) for e in re.findall(r"k=\d+ ([0-9]\.[0-9]e[+-][0-9]+)", text.split("Self-check")[1].split("\n")[0])]
+    assert len(errs) == 3 and max(errs) < 1e-9, text
