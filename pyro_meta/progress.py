@@ -59,7 +59,7 @@ class Progress:
     """``update()`` once per step; ``set(**values)`` for extra fields (loss, skipped)."""
 
     def __init__(self, total: int, initial: int, desc: str, enabled: bool = True, window: float = 10.0,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, quiet: bool = False):
         interactive = sys.stderr.isatty()
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step",
                         dynamic_ncols=True, file=sys.stderr, bar_format=BAR_FORMAT,
@@ -68,6 +68,7 @@ class Progress:
         self.rate.update(initial)
         self.total, self.n, self.extra = total, initial, ""
         self.clock, self._last_text = clock, -1.0
+        self.quiet = quiet  # no notes either (the ranks of a distributed run other than rank 0)
 
     def update(self) -> None:
         self.n += 1
@@ -88,7 +89,8 @@ class Progress:
 
     def write(self, msg: str) -> None:
         """A line above the bar, on stderr (warnings and notes, never the results on stdout)."""
-        self.bar.write(msg, file=sys.stderr)
+        if not self.quiet:
+            self.bar.write(msg, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pyro
 import torch
 
+from . import distributed
 from .checks import check_learner
 from .learner import MetaLearner
 from .progress import Progress
@@ -209,6 +211,7 @@ def fit(
     lr_schedule: dict[str, Any] | str | None = None,
     check_first_step: bool = True,
     max_seconds: float | None = None,
+    micro_batches: int | None = None,
 ) -> FitResult:
     """Meta-train ``learner`` on meta-batches drawn from ``tasks`` with Adam on ``learner.loss``.
 
@@ -264,14 +267,19 @@ def fit(
     if out_dir is None:
         return _fit(learner, tasks, steps, meta_lr, grad_clip, None, resume, run_config, device, log_every,
                     checkpoint_every, checkpoint_minutes, skip_nonfinite, skip_limit, progress, validate,
-                    stop_after, schedule, check_first_step, max_seconds)
+                    stop_after, schedule, check_first_step, max_seconds, micro_batches)
     out = Path(out_dir)
+    ctx = distributed.current()
+    if ctx is not None and not ctx.is_main:  # rank 0 owns the folder; this rank only reads its checkpoint
+        return _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, device, log_every,
+                    checkpoint_every, checkpoint_minutes, skip_nonfinite, skip_limit, progress, validate,
+                    stop_after, schedule, check_first_step, max_seconds, micro_batches)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, "train"):
         clean_temp_files(out)
         return _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, device, log_every,
                     checkpoint_every, checkpoint_minutes, skip_nonfinite, skip_limit, progress, validate,
-                    stop_after, schedule, check_first_step, max_seconds)
+                    stop_after, schedule, check_first_step, max_seconds, micro_batches)
 
 
 def _positive_int(name: str, v: Any) -> None:
@@ -294,14 +302,17 @@ def _check_fit_args(steps, checkpoint_every, log_every, meta_lr, checkpoint_minu
 
 def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, device, log_every,  # noqa: ANN001, ANN202, C901
          checkpoint_every, checkpoint_minutes, skip_nonfinite, skip_limit, progress, validate, stop_after,
-         schedule, check_first_step, max_seconds=None):
-    dev = resolve_device(device)
+         schedule, check_first_step, max_seconds=None, micro_batches=None):
+    ctx = distributed.current()
+    writer = ctx is None or ctx.is_main  # rank 0 alone writes files and shows progress
+    dev = resolve_device(distributed.rank_device(device, ctx))
     learner.to(dev)
     params = [p for p in learner.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the learner has no trainable parameters")
     optimizer = torch.optim.Adam(params, lr=meta_lr)
     step, skipped, elapsed = 0, 0, 0.0
+    noise_seed = torch.initial_seed()  # with micro-batches, shard j of step s draws noise from (this, s, j)
     events: list[dict[str, Any]] = []
     if resume:
         if not is_resumable(tasks):
@@ -321,9 +332,11 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
                                   f"{str(e).splitlines()[0]}") from None
         _set_rng_state(ckpt["rng"], tasks)
         step, skipped, elapsed = ckpt["step"], ckpt["skipped"], ckpt["seconds"]
+        noise_seed = ckpt.get("noise_seed", noise_seed)
         if steps < step:
             raise CheckpointError(f"the run in {str(out)!r} has already done {step} steps; asked for {steps}")
-        _truncate_metrics(out / METRICS, step)
+        if writer:
+            _truncate_metrics(out / METRICS, step)
         old_lr = ckpt.get("meta_lr", optimizer.param_groups[0]["lr"])  # format 1: the saved optimizer's rate
         old_schedule = ckpt.get("lr_schedule", {"name": "constant", "warmup_steps": 0})
         if old_lr != meta_lr or old_schedule != schedule:
@@ -336,6 +349,18 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
             group["lr"] = lr
         return lr
 
+    shards = micro_batches if micro_batches is not None else (ctx.world_size if ctx is not None else 1)
+    world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
+    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1 or shards % world:
+        raise ValueError(f"micro_batches must be a positive multiple of the {world} rank(s), got {shards!r}")
+    my_shards = range(rank * shards // world, (rank + 1) * shards // world)
+    loss_of = learner.loss
+    if ctx is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # forward is the learner's loss; DDP averages the gradients over the ranks during backward
+        loss_of = DistributedDataParallel(learner, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                          find_unused_parameters=True)
     interrupt = _DeferredInterrupt()
     last_save = time.monotonic()
 
@@ -345,13 +370,15 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
             return
         if not _all_finite(learner):
             raise NonFiniteError(f"step {step}: a parameter is not finite; the checkpoint was not written")
-        with interrupt.saving():
-            save_checkpoint({
-                "format": CHECKPOINT_FORMAT, "step": step, "skipped": skipped, "seconds": elapsed,
-                "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": rng if rng is not None else _rng_state(tasks), "run_config": run_config,
-                "meta_lr": meta_lr, "lr_schedule": schedule,
-            }, out / CHECKPOINT)
+        rng = rng if rng is not None else _rng_state(tasks)
+        extra = {"noise_seed": noise_seed, "micro_batches": shards, "world_size": world}
+        if writer:
+            with interrupt.saving():
+                save_checkpoint({
+                    "format": CHECKPOINT_FORMAT, "step": step, "skipped": skipped, "seconds": elapsed,
+                    "learner": learner.state_dict(), "optimizer": optimizer.state_dict(),
+                    "rng": rng, "run_config": run_config, "meta_lr": meta_lr, "lr_schedule": schedule, **extra,
+                }, out / CHECKPOINT)
         last_save = time.monotonic()
 
     def log(rec: dict[str, Any]) -> None:
@@ -371,10 +398,11 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
         e.checkpoint, e.step = (out / CHECKPOINT if out is not None else None), step
         raise
     history: list[dict[str, float]] = []
-    log_file = open(out / METRICS, "a") if out is not None else None  # noqa: SIM115
+    log_file = open(out / METRICS, "a") if out is not None and writer else None  # noqa: SIM115
     for ev in events:
         log(ev)
-    bar = Progress(steps, step, getattr(learner, "progress_label", f"meta-train {learner.name}"), enabled=progress)
+    bar = Progress(steps, step, getattr(learner, "progress_label", f"meta-train {learner.name}"),
+                   enabled=progress and writer, quiet=not writer)
     batch_type, check = _batch_contract(learner)
     last_loss = float("nan")
     start_step, t0 = step, time.perf_counter()
@@ -387,15 +415,26 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
             while step < steps:
                 if stop_after is not None and step - start_step >= stop_after:
                     break
-                if max_seconds is not None:
-                    spent = elapsed + (time.perf_counter() - t0 if step > start_step else 0.0)
-                    if spent >= max_seconds:
-                        out_of_time = True
-                        log({"step": step, "event": "time_budget", "max_seconds": max_seconds,
-                             "seconds": round(spent, 3), "steps_asked": steps})
-                        bar.write(f"time budget of {max_seconds:g} s reached at step {step} of {steps}")
-                        break
+                spent = elapsed + (time.perf_counter() - t0 if step > start_step else 0.0)
+                time_up = max_seconds is not None and spent >= max_seconds
+                due = (checkpoint_minutes is not None and step > start_step
+                       and time.monotonic() - last_save >= 60 * checkpoint_minutes)
+                if ctx is not None:  # rank 0's clock decides; any rank's signal stops every rank
+                    stop, time_up, due = distributed.agree(
+                        [interrupt.requested is not None, time_up and writer, due and writer], dev)
+                    if stop and interrupt.requested is None:
+                        interrupt.requested = signal.SIGINT
+                if time_up:
+                    out_of_time = True
+                    log({"step": step, "event": "time_budget", "max_seconds": max_seconds,
+                         "seconds": round(spent, 3), "steps_asked": steps})
+                    bar.write(f"time budget of {max_seconds:g} s reached at step {step} of {steps}")
+                    break
                 interrupt.check()
+                if due:  # at this step boundary, before the next step begins
+                    elapsed += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    save()
                 # where this step starts: restored if the step is cut off before its update
                 step_start_rng = _rng_state(tasks) if out is not None else None
                 try:
@@ -407,21 +446,35 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
                         "of TaskBatch, which is cycled") from None
                 if not isinstance(batch, batch_type):
                     raise TypeError(f"the task source gave a {type(batch).__name__}, not a {batch_type.__name__}")
-                batch = batch.to(dev)
+                parts = [batch.to(dev)] if shards == 1 else [
+                    p.to(dev) for p in distributed.split(batch, shards)[my_shards.start:my_shards.stop]]
                 if not checked:
                     # with the RNG as it was, so a checked run draws exactly what an unchecked one does
                     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                        check(batch)
+                        check(parts[0])
                     checked = True
                 lr = set_lr()
-                loss = learner.loss(batch)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if shards == 1:
+                    loss = loss_of(parts[0])
+                    loss.backward()
+                else:  # gradient accumulation over this rank's shards, each with its own seeded noise
+                    loss = 0.0
+                    for i, (j, part) in enumerate(zip(my_shards, parts)):
+                        hold = loss_of.no_sync() if ctx is not None and i < len(parts) - 1 else nullcontext()
+                        with hold, torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                            torch.manual_seed(distributed.shard_seed(noise_seed, step, j))
+                            part_loss = loss_of(part) / len(parts)
+                            part_loss.backward()
+                        loss = loss + part_loss.detach()
                 if grad_clip is not None:
                     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 else:
                     gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-                if not (torch.isfinite(loss) & torch.isfinite(gnorm)):
+                finite = bool(torch.isfinite(loss) & torch.isfinite(gnorm))
+                if ctx is not None:  # the gradients are shared already; a loss may differ by rank
+                    finite = not distributed.agree([not finite], dev)[0]
+                if not finite:
                     if not skip_nonfinite:
                         raise NonFiniteError(
                             f"step {step + 1}: non-finite loss ({loss.item()}) or gradient norm ({gnorm.item()}); "
@@ -444,16 +497,14 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
                 step_start_rng = None
                 bar.update()
                 if step % log_every == 0 or step == steps:
-                    last_loss = loss.item()
+                    last_loss = (distributed.mean_over_ranks(loss) if ctx is not None else loss).item()
                     now = elapsed + time.perf_counter() - t0
                     rec = json_safe({"step": step, "loss": last_loss, "grad_norm": gnorm.item(), "lr": lr,
                                      "skipped": skipped, "seconds": round(now, 3)})
                     history.append(rec)
                     bar.set(loss=f"{last_loss:.4g}", skipped=skipped)
                     log(rec)
-                due = step % checkpoint_every == 0 or (
-                    checkpoint_minutes is not None and time.monotonic() - last_save >= 60 * checkpoint_minutes)
-                if due and step < steps:
+                if step % checkpoint_every == 0 and step < steps:
                     elapsed += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     save()

@@ -66,6 +66,10 @@ class ImageBatch:
     def to(self, device: Any) -> ImageBatch:
         return ImageBatch(self.x.to(device))
 
+    def select(self, index: slice | Tensor) -> ImageBatch:
+        """The images at ``index`` (a distributed run's share of a minibatch)."""
+        return ImageBatch(self.x[index])
+
 
 def _seeded(*parts: int) -> torch.Generator:
     seed = 0
