@@ -153,6 +153,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="run directory (default runs/<benchmark>-<method>-<shots>shot-s<seed>)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes with DistributedDataParallel on this machine (gloo on CPU, nccl on "
+                        "GPUs, one GPU per process); the same as `torchrun --standalone --nproc_per_node N -m "
+                        "pyro_meta train ...`. The meta-batch must be a multiple of N")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,7 +240,37 @@ def _train(cfg: RunConfig, out: Path, **kw: Any):  # noqa: ANN202 - train_run's 
         raise
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """``--nproc N``: start N ranks of this same command under torchrun (``torch.distributed.run``)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    argv, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    launcher = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={args.nproc}", "--module",
+                                             "pyro_meta", *argv])
+    try:
+        run(launcher)
+    except ChildFailedError as e:
+        print(f"pyro-meta train: error: a rank failed: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import launched_by_torchrun
+
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ConfigError(f"--nproc must be a positive number of processes, got {args.nproc}")
+        if args.nproc > 1 and not launched_by_torchrun():
+            return _launch(args)
 
     given = _given(args)
     if getattr(args, "benchmark", None) is not None:
@@ -265,7 +299,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         bench = cfg.benchmark.replace(":", "-").replace("/", "-")  # an import path is not a folder name
         out = args.out or Path("runs") / f"{bench}-{cfg.method}-{ways}{cfg.shots}shot-s{cfg.seed}"
         out, res = _train(cfg, out, progress=not args.no_progress)
-    print(f"trained {res.step} steps in {res.seconds:.1f} s ({res.skipped} skipped); run directory: {out}")
+    from .distributed import current
+
+    ctx = current()
+    if ctx is not None and not ctx.is_main:
+        return 0  # rank 0 reports
+    print(f"trained {res.step} steps in {res.seconds:.1f} s ({res.skipped} skipped); run directory: {out}"
+          + (f" ({ctx.world_size} ranks)" if ctx is not None else ""))
     ev = out / "eval.json"
     if ev.exists():
         from .run import format_metrics_table
@@ -375,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     """The CLI's one error boundary: every expected failure is one line on stderr and exit code 2;
     Ctrl-C exits 130 and SIGTERM 143, after the checkpoint training writes on the way out."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     old_term = None
     if threading.current_thread() is threading.main_thread():
         old_term = signal.signal(signal.SIGTERM, _raise_terminated)  # outside training too: clean exit

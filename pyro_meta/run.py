@@ -19,6 +19,7 @@ from typing import Any
 import pyro
 import torch
 
+from . import distributed
 from .arviz import to_inference_data
 from .config import ConfigError, RunConfig
 from .evaluate import evaluate, per_task_weights, predict
@@ -108,6 +109,10 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
               overrides: dict[str, Any] | None = None, max_seconds: float | None = None) -> tuple[Path, FitResult]:
     """Meta-train ``cfg`` into the run directory ``out``; evaluate, export and plot at the end.
 
+    Under torchrun (``WORLD_SIZE`` > 1) this joins the process group (:mod:`pyro_meta.distributed`): rank 0
+    prepares the folder exactly as a single process would and sends the resolved config to the other
+    ranks, every rank trains its share, and rank 0 alone writes, evaluates and plots.
+
     The folder is locked for the whole call (:class:`~pyro_meta.rundir.RunLock`): a second writer is
     refused, naming this one. A folder left before its first checkpoint (:func:`is_startup_leftover`)
     is reused by a fresh start, and ``--resume`` starts it from step 0 with its saved config.
@@ -124,6 +129,48 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
         ``{"event": "time_budget", "max_seconds": ..., "steps_asked": ...}`` line.
     """
     out = Path(out)
+    ctx = distributed.init_from_env(_launch_device(cfg, out, resume, overrides))
+    if ctx is None:
+        return _train_run(cfg, out, resume, progress, stop_after, finalize_run, overrides, max_seconds, None)
+    if not ctx.is_main:
+        kind, payload = distributed.broadcast(None)
+        if kind == "error":
+            raise ConfigError(f"rank 0 could not start the run: {payload}")
+        cfg, resume = RunConfig.from_dict(payload[0]), payload[1]
+        apply_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        learner = build_learner(cfg)
+        result = fit(learner, benchmark_of(cfg).train, cfg.steps, meta_lr=cfg.meta_lr, grad_clip=cfg.grad_clip,
+                     out_dir=out, resume=resume, run_config=protocol_config(cfg), device=cfg.device,
+                     log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                     checkpoint_minutes=cfg.checkpoint_minutes, skip_nonfinite=cfg.skip_nonfinite,
+                     skip_limit=cfg.skip_limit, progress=False, stop_after=stop_after,
+                     lr_schedule=cfg.lr_schedule, max_seconds=max_seconds)
+        return out, result
+    sent = [False]
+    try:
+        return _train_run(cfg, out, resume, progress, stop_after, finalize_run, overrides, max_seconds, sent)
+    except Exception as e:
+        if not sent[0]:  # the other ranks are waiting for the config: tell them instead
+            distributed.broadcast(("error", f"{type(e).__name__}: {e}"))
+        raise
+
+
+def _launch_device(cfg: RunConfig, out: Path, resume: bool, overrides: dict[str, Any] | None) -> str:
+    """The device a run will use, known before the process group is joined (it picks the backend)."""
+    if overrides and overrides.get("device"):
+        return overrides["device"]
+    if resume and (out / CONFIG).is_file():
+        try:
+            return json.loads((out / CONFIG).read_text()).get("device") or "cpu"
+        except ValueError:
+            return "cpu"
+    return cfg.device or "cpu"
+
+
+def _train_run(cfg: RunConfig, out: Path, resume: bool, progress: bool, stop_after: int | None, finalize_run: bool,
+               overrides: dict[str, Any] | None, max_seconds: float | None,
+               sent: list[bool] | None) -> tuple[Path, FitResult]:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{str(out)!r} is a file, not a run directory; choose another --out")
     if resume and not (out / CONFIG).is_file():
@@ -159,6 +206,9 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
         torch.manual_seed(cfg.seed)
         learner = build_learner(cfg)
         write_config(out, cfg, bm)
+        if sent is not None:  # the other ranks train what rank 0 resolved
+            distributed.broadcast(("config", (cfg.to_dict(), resume)))
+            sent[0] = True
         result = fit(learner, bm.train, cfg.steps, meta_lr=cfg.meta_lr, grad_clip=cfg.grad_clip, out_dir=out,
                      resume=resume, run_config=protocol_config(cfg), device=cfg.device,
                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,

@@ -250,6 +250,11 @@ def fit(
         of a resumed run included) reaches it. The result then has
         ``out_of_time=True``, and ``metrics.jsonl`` a ``{"event": "time_budget", ...}`` line. A call
         always does at least one step unless the budget was spent before it started.
+    :param micro_batches: cut each meta-batch into this many equal shards, accumulate their gradients, and
+        draw shard j's noise at step s from a seed of (run seed, s, j). Default: 1 in one process (no
+        cutting; noise from the global torch RNG), the number of ranks under torch.distributed
+        (:mod:`pyro_meta.distributed`: the ranks share the shards, and the result is the same on any number
+        of ranks that divides them). On resume, the checkpoint's.
     :raises NonFiniteError: a non-finite loss/gradient (unless skipped) or parameter; the message names
         the step, and the last checkpoint on disk is left as it was.
     :raises ModelCheckError: the first-step check found a miswired model or guide.
@@ -333,6 +338,8 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
         _set_rng_state(ckpt["rng"], tasks)
         step, skipped, elapsed = ckpt["step"], ckpt["skipped"], ckpt["seconds"]
         noise_seed = ckpt.get("noise_seed", noise_seed)
+        if micro_batches is None and ckpt.get("micro_batches", 1) > 1:
+            micro_batches = ckpt["micro_batches"]  # the run's shards: its noise, on any number of ranks
         if steps < step:
             raise CheckpointError(f"the run in {str(out)!r} has already done {step} steps; asked for {steps}")
         if writer:
@@ -352,15 +359,11 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
     shards = micro_batches if micro_batches is not None else (ctx.world_size if ctx is not None else 1)
     world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
     if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1 or shards % world:
-        raise ValueError(f"micro_batches must be a positive multiple of the {world} rank(s), got {shards!r}")
+        raise ValueError(f"micro_batches must be a positive multiple of the {world} rank(s), got {shards!r}"
+                         + (" (the run's checkpoint was written with that many shards: resume it on a number "
+                            "of ranks that divides them)" if resume and micro_batches is None else ""))
     my_shards = range(rank * shards // world, (rank + 1) * shards // world)
-    loss_of = learner.loss
-    if ctx is not None:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # forward is the learner's loss; DDP averages the gradients over the ranks during backward
-        loss_of = DistributedDataParallel(learner, device_ids=[dev.index] if dev.type == "cuda" else None,
-                                          find_unused_parameters=True)
+    loss_of = learner.loss  # under torch.distributed: the DDP wrapper, built at the first step
     interrupt = _DeferredInterrupt()
     last_save = time.monotonic()
 
@@ -453,6 +456,8 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
                     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                         check(parts[0])
                     checked = True
+                if ctx is not None and loss_of == learner.loss:
+                    loss_of = _ddp(learner, parts[0], dev)
                 lr = set_lr()
                 optimizer.zero_grad(set_to_none=True)
                 if shards == 1:
@@ -538,6 +543,21 @@ def _batch_contract(learner: Any) -> tuple[type, Any]:
             if isinstance(batch, TaskBatch):
                 check_learner(learner, batch)
     return batch_type, check
+
+
+def _ddp(learner: Any, batch: Any, dev: torch.device) -> Any:
+    """The learner in DistributedDataParallel (its forward is ``loss``). Parameters that one trial step on
+    ``batch`` leaves without a gradient (a predictive-only guide, say) make DDP look for unused
+    parameters every step; without any, that costly search is off."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        learner.zero_grad(set_to_none=True)
+        learner.loss(batch).backward()
+    unused = any(p.grad is None for p in learner.parameters() if p.requires_grad)
+    learner.zero_grad(set_to_none=True)
+    return DistributedDataParallel(learner, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                   find_unused_parameters=unused)
 
 
 def _limit_text(limit: float) -> str:

@@ -36,8 +36,9 @@ def _cfg(method: str, meta_batch: int = 4) -> RunConfig:
     if method == "versa":  # a small Omniglot protocol: 5-way 1-shot, 1 query per class, 4 tasks
         return resolve(RunConfig(benchmark="omniglot", method="versa", ways=5, shots=1, queries=1,
                                  meta_batch=meta_batch, seed=0, steps=10, data_root=str(DATA)))
-    return resolve(RunConfig(benchmark="sinusoid", method=method, shots=5, meta_batch=meta_batch, seed=0,
-                             inner_steps=1, steps=10))
+    inner = {"inner_steps": 1} if method in ("maml", "abml", "platipus", "bmaml") else {}
+    return resolve(RunConfig(benchmark="sinusoid", method=method, shots=5, meta_batch=meta_batch, seed=0, steps=10,
+                             **inner))
 
 
 def _train(method: str, steps: int, out: str | None, dtype: str, resume: bool = False,
@@ -78,14 +79,29 @@ class _Cast:
         self.stream.load_state_dict(state)
 
 
+def _train_vae(steps: int, **_: object) -> dict[str, torch.Tensor]:
+    from pyro_meta.vi.vae import VAE, ImageStream
+
+    torch.manual_seed(0)
+    vae = VAE(pixels=16, latent=2, hidden=[8], objective="iwae", k=3)
+    probs = torch.rand(40, 16, generator=torch.Generator().manual_seed(0))
+    fit(vae, ImageStream(probs, 8, seed=0), steps, meta_lr=1e-2, progress=False)
+    return {k: v.detach().clone() for k, v in vae.state_dict().items()}
+
+
 def _worker(rank: int, world: int, port: int, result_dir: str, calls: list[dict]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         for i, kw in enumerate(calls):
-            params = _train(**kw)
+            params = _train_vae(**kw) if kw["method"] == "vae" else _train(**kw)
             torch.save(params, Path(result_dir) / f"call{i}-rank{rank}.pt")
+    except BaseException:
+        import traceback
+
+        (Path(result_dir) / f"error-rank{rank}.txt").write_text(traceback.format_exc())
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -95,7 +111,11 @@ def _on_ranks(tmp_path: Path, world: int, calls: list[dict]) -> list[list[dict[s
     parameters on each rank."""
     res = tmp_path / f"results-{world}"
     res.mkdir()
-    mp.spawn(_worker, args=(world, _free_port(), str(res), calls), nprocs=world, join=True)
+    try:
+        mp.spawn(_worker, args=(world, _free_port(), str(res), calls), nprocs=world, join=True)
+    except Exception as e:
+        errors = "\n".join(f"--- {p.name}:\n{p.read_text()}" for p in sorted(res.glob("error-rank*.txt")))
+        raise AssertionError(f"a rank failed:\n{errors}") from e
     return [[torch.load(res / f"call{i}-rank{r}.pt") for r in range(world)] for i in range(len(calls))]
 
 
@@ -188,5 +208,43 @@ def test_resume_on_another_number_of_ranks_is_exact(tmp_path):
     out = str(tmp_path / "run")
     straight, _ = _on_ranks(tmp_path, 2, [dict(method="abml", steps=6, out=None, dtype="float64"),
                                           dict(method="abml", steps=6, out=out, dtype="float64", stop_after=3)])
-    resumed = _train("abml", 6, out, "float64", resume=True, micro_batches=2)
+    resumed = _train("abml", 6, out, "float64", resume=True)  # the checkpoint says: 2 shards
     _assert_same(resumed, straight[0], atol=1e-6)
+
+
+def test_every_method_trains_on_two_ranks(tmp_path):
+    """Every method (and the VAE) takes 2 DDP steps on 2 ranks; both ranks end with the same parameters and
+    each equals one process accumulating the same 2 shards."""
+    methods = ["maml", "abml", "platipus", "amortized", "bmaml", "vae"]
+    if (DATA / "images_background.zip").is_file():
+        methods.append("versa")
+        os.environ["PYRO_META_CACHE"] = str(tmp_path / "cache")
+    calls = [dict(method=m, steps=2, out=None, dtype="float64") for m in methods]
+    results = _on_ranks(tmp_path, 2, calls)
+    for m, ranks in zip(methods, results):
+        _assert_same(ranks[0], ranks[1], atol=0)
+        if m != "vae":
+            _assert_same(ranks[0], _train(m, 2, None, "float64", micro_batches=2), atol=1e-6)
+
+
+def test_cli_nproc_launches_two_ranks(tmp_path):
+    """``pyro-meta train --nproc 2`` runs under torchrun: one run directory, written once, evaluated; an
+    odd meta-batch is refused with a message naming the fix."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pyro_meta", "train", "sinusoid", "--method", "maml", "--meta-batch", "4",
+           "--steps", "6", "--test-tasks", "10", "--no-progress", "--nproc", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run directory:" in proc.stdout and "(2 ranks)" in proc.stdout
+    assert proc.stdout.count("trained 6 steps") == 1  # rank 0 alone reports
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+    assert (out / "eval.json").is_file()
+    bad = subprocess.run(cmd[:-1] + [str(tmp_path / "odd")] + ["--meta-batch", "3"], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert bad.returncode != 0
+    assert "multiple of 2" in bad.stderr

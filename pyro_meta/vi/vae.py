@@ -126,13 +126,14 @@ class ImageStream:
 
 
 def as_probs(images: Tensor) -> Tensor:
-    """uint8 images (ink 255) or floats in [0, 1], any trailing shape -> float32 ``[N, D]`` in [0, 1]."""
+    """uint8 images (ink 255; -> torch's default dtype) or floats in [0, 1] (dtype kept), any trailing shape
+    -> ``[N, D]`` in [0, 1]."""
     if images.dtype == torch.uint8:
-        images = images.float() / 255.0
+        images = images.to(torch.get_default_dtype()) / 255.0
     if not images.is_floating_point() or images.dim() < 2:
         raise ValueError(f"expected images [N, ...] as uint8 or floats in [0, 1], got {images.dtype} "
                          f"{tuple(images.shape)}")
-    probs = images.reshape(len(images), -1).float()
+    probs = images.reshape(len(images), -1)
     if probs.numel() and (probs.min() < 0 or probs.max() > 1):
         raise ValueError("image grey levels must lie in [0, 1]")
     return probs
