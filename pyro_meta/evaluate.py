@@ -221,6 +221,40 @@ def predict(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed
                       cat("y_draws"), first["gaussian"], first["inner_plates"], cat("support_log_lik"))
 
 
+def _sharded_predict(learner: MetaLearner, batch: TaskBatch, num_samples: int, seed: int | None,
+                     task_chunk: int | None, ctx: Any) -> Prediction:
+    """Under torch.distributed, each rank predicts a contiguous share of the tasks and every rank gets them
+    all back, in order. Rank r > 0 draws from seed ``seed + r`` (its own noise), so the metrics equal one
+    process's within Monte Carlo error, and exactly for a method whose predictive draws no noise (MAML)."""
+    from . import distributed
+
+    bounds = torch.arange(batch.num_tasks).tensor_split(ctx.world_size)[ctx.rank]
+    mine = None
+    if len(bounds):
+        sub = batch.select(slice(int(bounds[0]), int(bounds[-1]) + 1))
+        rank_seed = None if seed is None else seed + ctx.rank
+        mine = predict(learner, sub, num_samples, rank_seed, task_chunk, keep_latents=False)
+        mine = _map_tensors(mine, lambda t: t.cpu())
+    parts = [p for p in distributed.gather(mine) if p is not None]
+    first = parts[0]
+
+    def cat(key: str) -> Tensor | None:
+        if getattr(first, key) is None:
+            return None
+        return torch.cat([getattr(p, key) for p in parts], dim=1).to(batch.x_support.device)
+
+    return Prediction({}, first.per_task, cat("mean"), cat("stddev"), cat("log_lik"), cat("y_draws"), first.gaussian,
+                      first.inner_plates, cat("support_log_lik"))
+
+
+def _map_tensors(pred: Prediction, fn) -> Prediction:  # noqa: ANN001 - a tensor -> tensor function
+    def f(t: Tensor | None) -> Tensor | None:
+        return None if t is None else fn(t)
+
+    return Prediction({k: fn(v) for k, v in pred.latents.items()}, pred.per_task, f(pred.mean), f(pred.stddev),
+                      f(pred.log_lik), f(pred.y_draws), pred.gaussian, pred.inner_plates, f(pred.support_log_lik))
+
+
 def finite_tasks(pred: Prediction) -> Tensor:
     """``[T]`` bool: tasks whose every predictive draw is finite (an inner loop can diverge)."""
     ok = torch.isfinite(pred.mean).flatten(2).all(-1).all(0)
@@ -336,7 +370,13 @@ def evaluate(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, see
              task_chunk: int | None = None) -> tuple[dict[str, dict[str, float]], Prediction]:
     """Metrics of ``learner`` on ``batch`` (fixed evaluation tasks) and the draws behind them (without
     the latent draws, which can be large; :func:`predict` keeps them)."""
-    pred = predict(learner, batch, num_samples, seed, task_chunk, keep_latents=False)
+    from . import distributed
+
+    ctx = distributed.current()
+    if ctx is None:
+        pred = predict(learner, batch, num_samples, seed, task_chunk, keep_latents=False)
+    else:
+        pred = _sharded_predict(learner, batch, num_samples, seed, task_chunk, ctx)
     if batch.is_classification:
         return classification_metrics(pred, batch), pred
     return regression_metrics(pred, batch), pred

@@ -146,6 +146,10 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
                      checkpoint_minutes=cfg.checkpoint_minutes, skip_nonfinite=cfg.skip_nonfinite,
                      skip_limit=cfg.skip_limit, progress=False, stop_after=stop_after,
                      lr_schedule=cfg.lr_schedule, max_seconds=max_seconds)
+        if finalize_run and (result.out_of_time or result.step >= cfg.steps):
+            learner.to(resolve_device(distributed.rank_device(cfg.device, ctx)))
+            # this rank's share of the test tasks, gathered by rank 0's evaluation in finalize
+            evaluate(learner, bm_test(cfg, ctx), num_samples=cfg.eval_samples, seed=cfg.seed)
         return out, result
     sent = [False]
     try:
@@ -154,6 +158,11 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
         if not sent[0]:  # the other ranks are waiting for the config: tell them instead
             distributed.broadcast(("error", f"{type(e).__name__}: {e}"))
         raise
+
+
+def bm_test(cfg: RunConfig, ctx: distributed.Context | None) -> Any:
+    """The benchmark's fixed test tasks on this rank's device."""
+    return benchmark_of(cfg).test.to(distributed.rank_device(cfg.device, ctx))
 
 
 def _launch_device(cfg: RunConfig, out: Path, resume: bool, overrides: dict[str, Any] | None) -> str:
@@ -282,7 +291,7 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, learner: Met
 
 
 def _evaluate_locked(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark) -> dict[str, Any]:
-    test = bm.test.to(cfg.device)
+    test = bm.test.to(distributed.rank_device(cfg.device, distributed.current()))
     metrics, _ = evaluate(learner, test, num_samples=cfg.eval_samples, seed=cfg.seed)
     ckpt_step = load_checkpoint(run_dir / CHECKPOINT)["step"] if (run_dir / CHECKPOINT).exists() else None
     finished = ckpt_step is not None and ckpt_step >= cfg.steps
