@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "bench_sinusoid.py"
@@ -74,3 +75,16 @@ def test_bench_vae_quick_passes_its_self_check_and_writes_every_row(tmp_path):
         assert row is not None and float(row.group(1)) > 0 and float(row.group(2)) > 0, text
     errs = [float(e) for e in re.findall(r"k=\d+ ([0-9]\.[0-9]e[+-][0-9]+)", text.split("Self-check")[1].split("\n")[0])]
     assert len(errs) == 3 and max(errs) < 1e-9, text
+
+
+@pytest.mark.slow
+def test_bench_ddp_quick_times_one_and_two_ranks(tmp_path):
+    out = tmp_path / "r.md"
+    script = REPO / "benchmarks" / "bench_ddp.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    text = out.read_text()
+    assert "python benchmarks/bench_ddp.py --quick --out" in text
+    row = re.search(r"^\| MAML, sinusoid.*$", text, re.MULTILINE).group(0)
+    assert row.count("tasks/s") == 3 and row.count("x |") == 2, row

@@ -225,6 +225,7 @@ def test_resume_on_another_number_of_ranks_is_exact(tmp_path):
     _assert_same(resumed, straight[0], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_every_method_trains_on_two_ranks(tmp_path):
     """Every method (and the VAE) takes 2 DDP steps on 2 ranks; both ranks end with the same parameters and
     each equals one process accumulating the same 2 shards."""
