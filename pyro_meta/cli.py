@@ -36,7 +36,7 @@ TRAIN_FLAGS = {
     "inner_step": "inner_step", "hyperprior_weight": "hyperprior_weight",
     "prior_init_std_hidden": "prior_init_std_hidden", "particles": "particles", "leader_steps": "leader_steps",
     "precision_lr_factor": "precision_lr_factor", "bandwidth_factor": "bandwidth_factor",
-    "train_tasks": "train_tasks",
+    "train_tasks": "train_tasks", "micro_batches": "micro_batches",
 }
 # CLI flag -> key of the lr_schedule object (pyro_meta.schedule)
 SCHEDULE_FLAGS = {"lr_schedule": "name", "lr_warmup": "warmup_steps", "lr_gamma": "gamma", "lr_every": "every",
@@ -153,6 +153,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="run directory (default runs/<benchmark>-<method>-<shots>shot-s<seed>)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--micro-batches", dest="micro_batches", type=int, default=S,
+                   help="cut each meta-batch into this many shards with their own seeded noise and accumulate their "
+                        "gradients (default: 1, or the number of ranks under torch.distributed); a run with "
+                        "--micro-batches N in one process equals one on N ranks")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train on N processes with DistributedDataParallel on this machine (gloo on CPU, nccl on "
                         "GPUs, one GPU per process); the same as `torchrun --standalone --nproc_per_node N -m "

@@ -94,6 +94,9 @@ class RunConfig:
     checkpoint_minutes: float | None = 10.0  # also checkpoint when this many minutes have passed; None: off
     skip_nonfinite: bool = False
     skip_limit: float = 0.1  # with skip_nonfinite: stop past this many skipped steps (>= 1) or this fraction
+    # shards per meta-batch, each with its own seeded noise, gradients accumulated (None: 1 in one process,
+    # the number of ranks under torch.distributed); see pyro_meta.distributed
+    micro_batches: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,6 +163,7 @@ class RunConfig:
         want(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32, "seed",
              "an integer from 0 to 2**32 - 1")
         pos_int("threads", allow_none=True)
+        pos_int("micro_batches", allow_none=True)
         if self.lr_schedule is not None:
             from .schedule import ScheduleError, normalize_schedule
 

@@ -145,7 +145,7 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                      checkpoint_minutes=cfg.checkpoint_minutes, skip_nonfinite=cfg.skip_nonfinite,
                      skip_limit=cfg.skip_limit, progress=False, stop_after=stop_after,
-                     lr_schedule=cfg.lr_schedule, max_seconds=max_seconds)
+                     lr_schedule=cfg.lr_schedule, max_seconds=max_seconds, micro_batches=cfg.micro_batches)
         if finalize_run and (result.out_of_time or result.step >= cfg.steps):
             learner.to(resolve_device(distributed.rank_device(cfg.device, ctx)))
             # this rank's share of the test tasks, gathered by rank 0's evaluation in finalize
@@ -223,7 +223,7 @@ def _train_run(cfg: RunConfig, out: Path, resume: bool, progress: bool, stop_aft
                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                      checkpoint_minutes=cfg.checkpoint_minutes, skip_nonfinite=cfg.skip_nonfinite,
                      skip_limit=cfg.skip_limit, progress=progress, stop_after=stop_after,
-                     lr_schedule=cfg.lr_schedule, max_seconds=max_seconds)
+                     lr_schedule=cfg.lr_schedule, max_seconds=max_seconds, micro_batches=cfg.micro_batches)
         if result.out_of_time:  # the budget ends the run: the steps done are its steps
             cfg = replace(cfg, steps=result.step)
             write_config(out, cfg, bm)
