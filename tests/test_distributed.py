@@ -274,3 +274,21 @@ def test_evaluation_is_sharded_over_ranks_and_gathered(tmp_path):
     for got in ranks:
         for k in single:
             torch.testing.assert_close(got[k], single[k], rtol=1e-9, atol=1e-12)
+
+
+def test_torchrun_launches_the_vae_on_two_ranks(tmp_path):
+    """``torchrun -m pyro_meta vi vae``: the minibatch is split over 2 ranks, rank 0 writes the run
+    directory and the report once."""
+    import subprocess
+    import sys
+
+    if not (DATA / "images_background.zip").is_file():
+        pytest.skip(f"Omniglot is not at {DATA}")
+    out = tmp_path / "vae"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYRO_META_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pyro_meta",
+           "vi", "vae", "--quick", "--out", str(out), "--data-root", str(DATA), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("# VAE on binarized Omniglot") == 1
+    assert json.loads((out / "eval.json").read_text())["steps"] == 30
