@@ -177,6 +177,7 @@ def test_resume_under_ddp_is_exact_and_only_rank_0_writes(tmp_path):
     assert {p.name for p in Path(b).iterdir()} <= {"checkpoint.pt", "metrics.jsonl", ".lock", ".lock.holder"}
 
 
+@pytest.mark.slow
 def test_a_ddp_checkpoint_resumes_in_one_process(tmp_path):
     """MAML trained 3 steps on 2 ranks, resumed to 5 steps in a single process, equals 5 single-process
     steps (the task stream is global; MAML draws no noise)."""
@@ -199,7 +200,7 @@ def test_an_uneven_split_is_refused(tmp_path):
         fit(build_learner(_cfg("maml")), benchmark_of(_cfg("maml")).train, 1, progress=False, micro_batches=0)
 
 
-@pytest.mark.parametrize("method", ["abml", "versa"])
+@pytest.mark.parametrize("method", [pytest.param("abml", marks=pytest.mark.slow), "versa"])
 def test_a_sampling_method_on_two_ranks_equals_one_process_accumulating_two_shards(tmp_path, method):
     """ABML (SGD inner loop on a sampled ELBO) and VERSA (ML-PIP, sampled logits), float64, 4 steps: 2 ranks
     equal one process with the same global meta-batch in 2 micro-batches within 1e-6, because each shard's
@@ -276,6 +277,7 @@ def test_evaluation_is_sharded_over_ranks_and_gathered(tmp_path):
             torch.testing.assert_close(got[k], single[k], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_torchrun_launches_the_vae_on_two_ranks(tmp_path):
     """``torchrun -m pyro_meta vi vae``: the minibatch is split over 2 ranks, rank 0 writes the run
     directory and the report once."""
