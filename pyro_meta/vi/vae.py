@@ -19,7 +19,7 @@ The test log-likelihood is the importance-weighted bound with k = 5000 (:func:`e
 
 Data (a documented deviation from Burda et al., whose 24,345 / 8,070 images come from a separate 28x28
 release of Omniglot): the Vinyals split's 1,200 train+validation characters (24,000 drawings) train and
-its 423 test characters (8,460 drawings, alphabets never seen in training) test; each 105x105 drawing is
+its 423 test characters (8,460 drawings, all but 4 characters from 12 alphabets never seen in training) test; each 105x105 drawing is
 LANCZOS-resized to 28x28 grey levels p in [0, 1] (:func:`pyro_meta.tasks.omniglot.load_omniglot`).
 Dynamic binarization: every training minibatch draws x ~ Bernoulli(p) afresh; the test set is binarized
 once with a fixed seed.

@@ -343,7 +343,7 @@ def results_markdown(r: dict[str, Any]) -> str:
         *rows, "",
         f"Test log-likelihood (the k = {r['eval_k']} bound): **{r['test_log_likelihood']:.2f}**; published for "
         f"this objective and k: {pub_text}.", "",
-        PUBLISHED_NOTE + " Our data differ (the Vinyals split: test alphabets unseen in training) and our "
+        PUBLISHED_NOTE + " Our data differ (the Vinyals split: test characters from alphabets unseen in training) and our "
         "budget is far smaller, so the numbers are beside each other, not a reproduction.", ""])
 
 
