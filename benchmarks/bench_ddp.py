@@ -6,7 +6,7 @@ DistributedDataParallel ranks (gloo, 1 thread each) on the same global meta-batc
     python benchmarks/bench_ddp.py --quick --out /tmp/r.md     # smoke test
 
 Each cell runs in its own process group; the time per step is read from the trainer's own log
-(``history``, ``log_every=1``) between the end of the warm-up steps and the last step. Images are
+(``history``, logged every ``--steps`` steps) between the end of the warm-up steps and the last step. Images are
 synthetic (uniform noise; speed does not depend on their content); sinusoid tasks come from the
 benchmark's stream. On CUDA machines ``--device cuda --ranks 1 2 4`` gives one GPU per rank (nccl).
 """
@@ -71,7 +71,8 @@ def _child(case: str, threads: int, steps: int, warmup: int, device: str) -> Non
     cfg, batches = _batches(case, steps + warmup)
     torch.manual_seed(0)
     learner = build_learner(cfg)
-    res = fit(learner, batches, steps + warmup, meta_lr=1e-3, device=device, progress=False, log_every=1,
+    # the log (one all-reduce of the loss under DDP) only at the end of the warm-up and of the timed steps
+    res = fit(learner, batches, steps + warmup, meta_lr=1e-3, device=device, progress=False, log_every=steps,
               check_first_step=False)
     t = {h["step"]: h["seconds"] for h in res.history}
     per_step = (t[steps + warmup] - t[warmup]) / steps
@@ -134,7 +135,7 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20, help="timed steps per cell")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: --steps)")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--ranks", type=int, nargs="+", default=[2], help="rank counts beyond 1 (default 2)")
     p.add_argument("--device", default="cpu")
@@ -144,5 +145,8 @@ if __name__ == "__main__":
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.quick:
-        a.steps, a.warmup, a.cases = 2, 1, ["maml-mlp"]
+        a.steps, a.cases = 2, ["maml-mlp"]
+    a.warmup = a.steps if a.warmup is None else a.warmup
+    if a.warmup % a.steps:
+        p.error("--warmup must be a multiple of --steps (the trainer logs every --steps steps)")
     sys.exit(main(a, sys.argv[1:]))
