@@ -259,11 +259,19 @@ def _launch(args: argparse.Namespace) -> int:
             argv.append(a)
     launcher = get_args_parser().parse_args(["--standalone", f"--nproc_per_node={args.nproc}", "--module",
                                              "pyro_meta", *argv])
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     try:
         run(launcher)
     except ChildFailedError as e:
         print(f"pyro-meta train: error: a rank failed: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 1
+    except SignalException as e:  # Ctrl-C or SIGTERM: the ranks stopped together at a step boundary
+        where = args.resume or args.out
+        again = (f"continue with `pyro-meta train --resume {where} --nproc {args.nproc}`" if where is not None
+                 else "continue with `pyro-meta train --resume <run directory>`")
+        print(f"interrupted; rank 0 wrote a checkpoint at the last step boundary: {again}", file=sys.stderr)
+        return 128 + int(e.sigval)
     return 0
 
 

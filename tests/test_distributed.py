@@ -294,3 +294,34 @@ def test_torchrun_launches_the_vae_on_two_ranks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("# VAE on binarized Omniglot") == 1
     assert json.loads((out / "eval.json").read_text())["steps"] == 30
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_at_one_step_boundary_and_the_run_resumes(tmp_path):
+    """SIGINT to the ``--nproc 2`` launcher: the ranks agree to stop, rank 0 writes one checkpoint, the
+    launcher exits 130 with the command that continues; the run then resumes on 2 ranks to the end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pyro_meta", "train", "sinusoid", "--method", "maml", "--meta-batch", "4",
+           "--steps", "1000000", "--test-tasks", "10", "--no-progress", "--nproc", "2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"--resume {out} --nproc 2" in err
+    from pyro_meta.rundir import load_checkpoint
+
+    step = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert 0 < step < 1_000_000
+    done = subprocess.run([sys.executable, "-m", "pyro_meta", "train", "--resume", str(out), "--steps", str(step + 20),
+                           "--nproc", "2", "--no-progress"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"trained {step + 20} steps" in done.stdout
