@@ -36,7 +36,7 @@ TRAIN_FLAGS = {
     "inner_step": "inner_step", "hyperprior_weight": "hyperprior_weight",
     "prior_init_std_hidden": "prior_init_std_hidden", "particles": "particles", "leader_steps": "leader_steps",
     "precision_lr_factor": "precision_lr_factor", "bandwidth_factor": "bandwidth_factor",
-    "train_tasks": "train_tasks", "micro_batches": "micro_batches",
+    "train_tasks": "train_tasks", "micro_batches": "micro_batches", "precision": "precision",
 }
 # CLI flag -> key of the lr_schedule object (pyro_meta.schedule)
 SCHEDULE_FLAGS = {"lr_schedule": "name", "lr_warmup": "warmup_steps", "lr_gamma": "gamma", "lr_every": "every",
@@ -153,6 +153,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="run directory (default runs/<benchmark>-<method>-<shots>shot-s<seed>)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--precision", choices=["fp32", "bf16", "tf32"], default=S,
+                   help="fp32 (default); bf16: the conv4 trunk under autocast in bfloat16 (CPU or GPU); tf32: CUDA "
+                        "matmuls and convolutions in TensorFloat-32")
     p.add_argument("--micro-batches", dest="micro_batches", type=int, default=S,
                    help="cut each meta-batch into this many shards with their own seeded noise and accumulate their "
                         "gradients (default: 1, or the number of ranks under torch.distributed); a run with "

@@ -97,6 +97,9 @@ class RunConfig:
     # shards per meta-batch, each with its own seeded noise, gradients accumulated (None: 1 in one process,
     # the number of ranks under torch.distributed); see pyro_meta.distributed
     micro_batches: int | None = None
+    # "fp32" (default), "bf16" (the conv4 trunk under torch.autocast in bfloat16) or "tf32" (CUDA matmuls and
+    # convolutions in TensorFloat-32); measured in experiments/RESULTS.md
+    precision: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,6 +167,7 @@ class RunConfig:
              "an integer from 0 to 2**32 - 1")
         pos_int("threads", allow_none=True)
         pos_int("micro_batches", allow_none=True)
+        want(self.precision in (None, "fp32", "bf16", "tf32"), "precision", "one of fp32, bf16, tf32 or null")
         if self.lr_schedule is not None:
             from .schedule import ScheduleError, normalize_schedule
 

@@ -138,6 +138,7 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
             raise ConfigError(f"rank 0 could not start the run: {payload}")
         cfg, resume = RunConfig.from_dict(payload[0]), payload[1]
         apply_threads(cfg.threads)
+        apply_precision(cfg)
         torch.manual_seed(cfg.seed)
         learner = build_learner(cfg)
         result = fit(learner, benchmark_of(cfg).train, cfg.steps, meta_lr=cfg.meta_lr, grad_clip=cfg.grad_clip,
@@ -165,6 +166,13 @@ def bm_test(cfg: RunConfig, ctx: distributed.Context | None) -> Any:
     return benchmark_of(cfg).test.to(distributed.rank_device(cfg.device, ctx))
 
 
+def apply_precision(cfg: RunConfig) -> None:
+    """``tf32``: let CUDA matmuls and convolutions use TensorFloat-32 (``bf16`` lives in the network)."""
+    if cfg.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def _launch_device(cfg: RunConfig, out: Path, resume: bool, overrides: dict[str, Any] | None) -> str:
     """The device a run will use, known before the process group is joined (it picks the backend)."""
     if overrides and overrides.get("device"):
@@ -188,6 +196,9 @@ def _train_run(cfg: RunConfig, out: Path, resume: bool, progress: bool, stop_aft
     if not resume:  # every setting checked before the folder is touched
         cfg = resolve(cfg)
         resolve_device(cfg.device)
+        if cfg.precision == "tf32" and not cfg.device.startswith("cuda"):
+            raise ConfigError("precision tf32 is a CUDA setting (TensorFloat-32 matmuls and convolutions); on "
+                              f"{cfg.device!r} use fp32 or bf16")
         bm = benchmark_of(cfg)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, "train"):
@@ -211,6 +222,7 @@ def _train_run(cfg: RunConfig, out: Path, resume: bool, progress: bool, stop_aft
                               f"another --out (nothing was overwritten)")
         resolve_device(cfg.device)
         apply_threads(cfg.threads)
+        apply_precision(cfg)
         bm = bm if bm is not None and not resume else benchmark_of(cfg)
         torch.manual_seed(cfg.seed)
         learner = build_learner(cfg)

@@ -613,3 +613,19 @@ def test_advice_after_a_failure_before_the_first_checkpoint_can_be_followed(tmp_
         return  # starting over in the same folder works: fine
     rc2, _, err2 = run_main(capsys, "train", "--resume", out, "--no-progress")
     assert not ("--resume" in err1 and rc2 != 0), f"advice: {err1!r}; following it: {err2!r}"
+
+
+def test_precision_settings_are_checked(tmp_path):
+    """bf16 is for the conv4 trunk (an MLP benchmark refuses it), tf32 for CUDA (a CPU run refuses it
+    before its folder is touched), anything else is not a precision."""
+    from pyro_meta.config import ConfigError, RunConfig
+    from pyro_meta.methods import build_learner
+    from pyro_meta.run import train_run
+
+    with pytest.raises(ConfigError, match="conv4 trunk"):
+        build_learner(RunConfig(benchmark="sinusoid", method="maml", precision="bf16"))
+    with pytest.raises(ConfigError, match="CUDA setting"):
+        train_run(RunConfig(benchmark="sinusoid", method="maml", precision="tf32", steps=1), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="precision"):
+        RunConfig(precision="fp16").check()

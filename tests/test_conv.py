@@ -310,3 +310,22 @@ def test_bad_inputs_raise_clear_errors():
         Conv4(5, filters=0)
     with pytest.raises(ValueError, match="chunk_elements"):
         Conv4(5, chunk_elements=0)
+
+
+def test_bf16_trunk_is_close_to_fp32_and_returns_float32():
+    """precision="bf16": the trunk runs under autocast (bfloat16 convolutions) and hands back float32
+    logits within bfloat16's precision of the float32 trunk's; gradients reach every weight."""
+    from pyro_meta.nn.conv import Conv4
+
+    fp32 = Conv4(5, filters=8)
+    bf16 = Conv4(5, filters=8, precision="bf16")
+    params = fp32.init(torch.Generator().manual_seed(0)).expand(3, -1).clone().requires_grad_()
+    x = torch.rand(3, 4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    a, b = fp32(params, x), bf16(params, x)
+    assert b.dtype == torch.float32 and b.shape == a.shape
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert (a - b).abs().max() > 0  # it did run in bfloat16
+    b.sum().backward()
+    assert params.grad is not None and torch.isfinite(params.grad).all() and params.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="precision"):
+        Conv4(5, precision="fp16")

@@ -52,6 +52,9 @@ class MethodInfo:
 
 def make_net(cfg: RunConfig, features_only: bool = False) -> FunctionalNet:
     """The task network (with a ``ways``-wide head on images) or, ``features_only``, a conv4 trunk."""
+    if cfg.precision == "bf16" and cfg.benchmark not in CLASSIFICATION_BENCHMARKS:
+        raise ConfigError("precision bf16 applies to the conv4 trunk of the image benchmarks (omniglot); "
+                          f"{cfg.benchmark!r} trains an MLP in float32")
     if cfg.benchmark in ("sinusoid", "sinusoid_line", "sinusoid_bmaml"):
         return MLP([1, *cfg.hidden, 1], cfg.activation)
     family = custom_family(cfg.benchmark)
@@ -60,7 +63,8 @@ def make_net(cfg: RunConfig, features_only: bool = False) -> FunctionalNet:
         return MLP([x_shape[0], *cfg.hidden, y_dim], cfg.activation)
     if cfg.benchmark in CLASSIFICATION_BENCHMARKS:
         return Conv4(None if features_only else cfg.ways, in_channels=1, image_size=28,
-                     filters=cfg.filters, downsample=cfg.downsample, batch_norm=cfg.batch_norm)
+                     filters=cfg.filters, downsample=cfg.downsample, batch_norm=cfg.batch_norm,
+                     precision="bf16" if cfg.precision == "bf16" else "fp32")
     raise ConfigError(f"no network is defined for benchmark {cfg.benchmark!r}")
 
 

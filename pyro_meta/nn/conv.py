@@ -27,6 +27,11 @@ images were ~1.6x faster forward+backward than one 1280-image batch (activations
 cache; fewer large zero-fills). Results equal the unchunked ones up to float round-off."""
 
 
+# "fp32", or "bf16": the trunk under torch.autocast in bfloat16 (RunConfig.precision; measured in
+# experiments/RESULTS.md)
+PRECISIONS = ("fp32", "bf16")
+
+
 class Conv4(FunctionalNet):
     """``blocks`` x [3x3 conv -> batch norm -> ReLU -> downsample], then an optional linear head.
 
@@ -85,13 +90,16 @@ class Conv4(FunctionalNet):
     def __init__(self, out_dim: int | None, in_channels: int = 1, image_size: int = 28,
                  filters: int = 64, blocks: int = 4, downsample: str = "maxpool",
                  batch_norm: str = "task", bn_eps: float = 1e-5, *,
-                 chunk_elements: int | None = CPU_CHUNK_ELEMENTS):
+                 chunk_elements: int | None = CPU_CHUNK_ELEMENTS, precision: str = "fp32"):
         if out_dim is not None and int(out_dim) < 1:
             raise ValueError(f"out_dim must be a positive int or None, got {out_dim}")
         for label, v in (("in_channels", in_channels), ("image_size", image_size),
                          ("filters", filters), ("blocks", blocks)):
             if int(v) < 1:
                 raise ValueError(f"{label} must be >= 1, got {v}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; known: {list(PRECISIONS)}")
+        self.precision = precision
         if downsample not in DOWNSAMPLE_MODES:
             raise ValueError(f"unknown downsample {downsample!r}; known: {list(DOWNSAMPLE_MODES)}")
         if batch_norm not in BATCH_NORM_MODES:
@@ -163,7 +171,7 @@ class Conv4(FunctionalNet):
                 "downsample": self.downsample, "batch_norm": self.batch_norm,
                 "bn_eps": self.bn_eps, "out_dim": self.out_dim, "feature_dim": self.feature_dim,
                 "in_channels": self.in_channels, "image_size": self.image_size,
-                "num_params": self.num_params}
+                "num_params": self.num_params, "precision": self.precision}
 
     def __repr__(self) -> str:
         return (f"Conv4(out_dim={self.out_dim}, in_channels={self.in_channels}, "
@@ -189,12 +197,18 @@ class Conv4(FunctionalNet):
     def __call__(self, params: Tensor, x: Tensor) -> Tensor:
         """``params [*B, D]``, ``x [*C, N, Cin, H, W]`` -> ``[*broadcast(B, C), N, output_dim]``.
 
+        With ``precision="bf16"`` the trunk runs under ``torch.autocast`` in bfloat16 (convolutions and the
+        head's matmul; batch norm and everything after the trunk stay float32) and returns ``params``'s dtype.
+
         Leading dims are flattened to ``nb = prod(broadcast(B, C))`` batch elements. On CPU the
         elements are processed in chunks whose first activation has at most
         :attr:`chunk_elements` entries (whole elements only, so batch-norm statistics are
         unchanged); see :data:`CPU_CHUNK_ELEMENTS`.
         """
         self._check(params, x)
+        if self.precision == "bf16" and torch.is_autocast_enabled(x.device.type) is False:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return self(params, x).to(params.dtype)
         b_shape, c_shape = params.shape[:-1], x.shape[:-4]
         try:
             batch = torch.broadcast_shapes(b_shape, c_shape)
