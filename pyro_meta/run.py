@@ -141,16 +141,13 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
         apply_precision(cfg)
         torch.manual_seed(cfg.seed)
         learner = build_learner(cfg)
-        result = fit(learner, benchmark_of(cfg).train, cfg.steps, meta_lr=cfg.meta_lr, grad_clip=cfg.grad_clip,
-                     out_dir=out, resume=resume, run_config=protocol_config(cfg), device=cfg.device,
-                     log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                     checkpoint_minutes=cfg.checkpoint_minutes, skip_nonfinite=cfg.skip_nonfinite,
-                     skip_limit=cfg.skip_limit, progress=False, stop_after=stop_after,
-                     lr_schedule=cfg.lr_schedule, max_seconds=max_seconds, micro_batches=cfg.micro_batches)
+        bm = benchmark_of(cfg)
+        result = _fit_run(learner, bm, cfg, out, resume, False, stop_after, max_seconds)
         if finalize_run and (result.out_of_time or result.step >= cfg.steps):
-            learner.to(resolve_device(distributed.rank_device(cfg.device, ctx)))
+            dev = distributed.rank_device(cfg.device, ctx)
+            learner.to(resolve_device(dev))
             # this rank's share of the test tasks, gathered by rank 0's evaluation in finalize
-            evaluate(learner, bm_test(cfg, ctx), num_samples=cfg.eval_samples, seed=cfg.seed)
+            evaluate(learner, bm.test.to(dev), num_samples=cfg.eval_samples, seed=cfg.seed)
         return out, result
     sent = [False]
     try:
@@ -161,9 +158,15 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
         raise
 
 
-def bm_test(cfg: RunConfig, ctx: distributed.Context | None) -> Any:
-    """The benchmark's fixed test tasks on this rank's device."""
-    return benchmark_of(cfg).test.to(distributed.rank_device(cfg.device, ctx))
+def _fit_run(learner: MetaLearner, bm: Benchmark, cfg: RunConfig, out: Path, resume: bool, progress: bool,
+             stop_after: int | None, max_seconds: float | None) -> FitResult:
+    """:func:`fit` with every setting of the run's config."""
+    return fit(learner, bm.train, cfg.steps, meta_lr=cfg.meta_lr, grad_clip=cfg.grad_clip, out_dir=out,
+               resume=resume, run_config=protocol_config(cfg), device=cfg.device, log_every=cfg.log_every,
+               checkpoint_every=cfg.checkpoint_every, checkpoint_minutes=cfg.checkpoint_minutes,
+               skip_nonfinite=cfg.skip_nonfinite, skip_limit=cfg.skip_limit, progress=progress,
+               stop_after=stop_after, lr_schedule=cfg.lr_schedule, max_seconds=max_seconds,
+               micro_batches=cfg.micro_batches)
 
 
 def apply_precision(cfg: RunConfig) -> None:
@@ -230,12 +233,7 @@ def _train_run(cfg: RunConfig, out: Path, resume: bool, progress: bool, stop_aft
         if sent is not None:  # the other ranks train what rank 0 resolved
             distributed.broadcast(("config", (cfg.to_dict(), resume)))
             sent[0] = True
-        result = fit(learner, bm.train, cfg.steps, meta_lr=cfg.meta_lr, grad_clip=cfg.grad_clip, out_dir=out,
-                     resume=resume, run_config=protocol_config(cfg), device=cfg.device,
-                     log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                     checkpoint_minutes=cfg.checkpoint_minutes, skip_nonfinite=cfg.skip_nonfinite,
-                     skip_limit=cfg.skip_limit, progress=progress, stop_after=stop_after,
-                     lr_schedule=cfg.lr_schedule, max_seconds=max_seconds, micro_batches=cfg.micro_batches)
+        result = _fit_run(learner, bm, cfg, out, resume, progress, stop_after, max_seconds)
         if result.out_of_time:  # the budget ends the run: the steps done are its steps
             cfg = replace(cfg, steps=result.step)
             write_config(out, cfg, bm)

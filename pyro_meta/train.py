@@ -529,6 +529,8 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
             log_file.close()
     elapsed += time.perf_counter() - t0
     save()
+    if ctx is not None:  # no rank leaves (and, say, resumes from the file) before rank 0's checkpoint is written
+        distributed.barrier()
     return FitResult(step, skipped, elapsed, last_loss, history, out_of_time)
 
 

@@ -22,6 +22,9 @@ def _fresh_state():
     torch.set_default_dtype(torch.float32)
     with pyro.validation_enabled(True):
         yield
+    # a test that switched to float64 must not hand it to the next module's module-scoped fixtures, which
+    # are set up before this fixture runs again
+    torch.set_default_dtype(torch.float32)
 
 
 def assert_close(actual, expected, rtol: float = 1e-6, atol: float = 0.0, msg: str = "") -> None:
