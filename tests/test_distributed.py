@@ -315,13 +315,13 @@ def test_ctrl_c_stops_every_rank_at_one_step_boundary_and_the_run_resumes(tmp_pa
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
-    assert f"--resume {out} --nproc 2" in err
+    assert proc.returncode == 130, f"rc {proc.returncode}:\n{err[-3000:]}"
+    assert f"--resume {out} --nproc 2" in err, err[-3000:]
     from pyro_meta.rundir import load_checkpoint
 
     step = load_checkpoint(out / "checkpoint.pt")["step"]
-    assert 0 < step < 1_000_000
+    assert 0 < step < 1_000_000, (step, err[-3000:])
     done = subprocess.run([sys.executable, "-m", "pyro_meta", "train", "--resume", str(out), "--steps", str(step + 20),
                            "--nproc", "2", "--no-progress"], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"trained {step + 20} steps" in done.stdout
+    assert f"trained {step + 20} steps" in done.stdout, (done.stdout[-2000:], done.stderr[-2000:])
