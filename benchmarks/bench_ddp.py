@@ -32,9 +32,8 @@ CASES = {
 
 
 def _batches(case: str, count: int):  # noqa: ANN202 - (config, list of TaskBatch)
-    import torch
+    from bench_threads import synthetic_episodes
 
-    from pyro_meta import TaskBatch
     from pyro_meta.config import RunConfig
     from pyro_meta.methods import resolve
     from pyro_meta.run import benchmark_of
@@ -47,16 +46,7 @@ def _batches(case: str, count: int):  # noqa: ANN202 - (config, list of TaskBatc
         stream = benchmark_of(cfg).train
         return cfg, [next(stream) for _ in range(count)]
     cfg = resolve(RunConfig(benchmark="omniglot", method=method, ways=5, shots=1, meta_batch=tasks))
-    q = cfg.queries
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(count):
-        xs = torch.rand(tasks, 5, 1, 28, 28, generator=g)
-        xq = torch.rand(tasks, 5 * q, 1, 28, 28, generator=g)
-        ys = torch.arange(5).expand(tasks, 5).contiguous()
-        yq = torch.arange(5).repeat_interleave(q).expand(tasks, 5 * q).contiguous()
-        out.append(TaskBatch(xs, ys, xq, yq, {"classes": torch.zeros(tasks, 5)}))
-    return cfg, out
+    return cfg, synthetic_episodes(cfg, count)  # the threads benchmark's synthetic episodes
 
 
 def _child(case: str, threads: int, steps: int, warmup: int, device: str) -> None:

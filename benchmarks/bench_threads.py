@@ -26,6 +26,25 @@ CASES = {
 }
 
 
+def synthetic_episodes(cfg, count: int, seed: int = 0) -> list:  # noqa: ANN001 - a resolved RunConfig
+    """``count`` 5-way 1-shot meta-batches of uniform-noise 28x28 images in ``cfg``'s shape (``meta_batch``
+    tasks, ``queries`` per class): speed does not depend on the pixels."""
+    import torch
+
+    from pyro_meta import TaskBatch
+
+    t, q = cfg.meta_batch, cfg.queries
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        xs = torch.rand(t, 5, 1, 28, 28, generator=g)
+        xq = torch.rand(t, 5 * q, 1, 28, 28, generator=g)
+        ys = torch.arange(5).expand(t, 5).contiguous()
+        yq = torch.arange(5).repeat_interleave(q).expand(t, 5 * q).contiguous()
+        out.append(TaskBatch(xs, ys, xq, yq, {"classes": torch.zeros(t, 5)}))
+    return out
+
+
 def _child(case: str, threads: int, steps: int) -> float:
     import torch
 
@@ -42,17 +61,7 @@ def _child(case: str, threads: int, steps: int) -> float:
         batches = [next(stream) for _ in range(steps + 2)]
     else:
         cfg = resolve(RunConfig(benchmark="omniglot", method=method, ways=5, shots=1))
-        t, q = cfg.meta_batch, cfg.queries
-        g = torch.Generator().manual_seed(0)
-
-        def episode() -> TaskBatch:
-            xs = torch.rand(t, 5, 1, 28, 28, generator=g)
-            xq = torch.rand(t, 5 * q, 1, 28, 28, generator=g)
-            ys = torch.arange(5).expand(t, 5).contiguous()
-            yq = torch.arange(5).repeat_interleave(q).expand(t, 5 * q).contiguous()
-            return TaskBatch(xs, ys, xq, yq, {"classes": torch.zeros(t, 5)})
-
-        batches = [episode() for _ in range(steps + 2)]
+        batches = synthetic_episodes(cfg, steps + 2)
     learner = build_learner(cfg)
     opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
 

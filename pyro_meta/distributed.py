@@ -66,6 +66,23 @@ def init_from_env(device: str) -> Context | None:
     return current()
 
 
+def launch_device(given: str | None, config_path: Any, resume: bool, default: str = "cpu") -> str:
+    """The device a run will use, known before its config is resolved (it picks gloo or nccl): the one
+    given, else on resume the run's saved ``config.json``'s, else ``default``."""
+    import json
+    from pathlib import Path
+
+    if given:
+        return given
+    path = Path(config_path)
+    if resume and path.is_file():
+        try:
+            return json.loads(path.read_text()).get("device") or default
+        except ValueError:
+            pass
+    return default
+
+
 def current() -> Context | None:
     """The process group this process is in, if it has more than one rank."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:

@@ -129,7 +129,8 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
         ``{"event": "time_budget", "max_seconds": ..., "steps_asked": ...}`` line.
     """
     out = Path(out)
-    ctx = distributed.init_from_env(_launch_device(cfg, out, resume, overrides))
+    ctx = distributed.init_from_env(distributed.launch_device((overrides or {}).get("device"), out / CONFIG, resume,
+                                                              cfg.device or "cpu"))
     if ctx is None:
         return _train_run(cfg, out, resume, progress, stop_after, finalize_run, overrides, max_seconds, None)
     if not ctx.is_main:
@@ -174,18 +175,6 @@ def apply_precision(cfg: RunConfig) -> None:
     if cfg.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-def _launch_device(cfg: RunConfig, out: Path, resume: bool, overrides: dict[str, Any] | None) -> str:
-    """The device a run will use, known before the process group is joined (it picks the backend)."""
-    if overrides and overrides.get("device"):
-        return overrides["device"]
-    if resume and (out / CONFIG).is_file():
-        try:
-            return json.loads((out / CONFIG).read_text()).get("device") or "cpu"
-        except ValueError:
-            return "cpu"
-    return cfg.device or "cpu"
 
 
 def _train_run(cfg: RunConfig, out: Path, resume: bool, progress: bool, stop_after: int | None, finalize_run: bool,

@@ -363,7 +363,7 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
                          + (" (the run's checkpoint was written with that many shards: resume it on a number "
                             "of ranks that divides them)" if resume and micro_batches is None else ""))
     my_shards = range(rank * shards // world, (rank + 1) * shards // world)
-    loss_of = learner.loss  # under torch.distributed: the DDP wrapper, built at the first step
+    loss_of, ddp = learner.loss, None  # under torch.distributed: the DDP wrapper, built at the first step
     interrupt = _DeferredInterrupt()
     last_save = time.monotonic()
 
@@ -456,8 +456,8 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
                     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                         check(parts[0])
                     checked = True
-                if ctx is not None and loss_of == learner.loss:
-                    loss_of = _ddp(learner, parts[0], dev)
+                if ctx is not None and ddp is None:
+                    loss_of = ddp = _ddp(learner, parts[0], dev)
                 lr = set_lr()
                 optimizer.zero_grad(set_to_none=True)
                 if shards == 1:
@@ -466,7 +466,7 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
                 else:  # gradient accumulation over this rank's shards, each with its own seeded noise
                     loss = 0.0
                     for i, (j, part) in enumerate(zip(my_shards, parts)):
-                        hold = loss_of.no_sync() if ctx is not None and i < len(parts) - 1 else nullcontext()
+                        hold = ddp.no_sync() if ddp is not None and i < len(parts) - 1 else nullcontext()
                         with hold, torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                             torch.manual_seed(distributed.shard_seed(noise_seed, step, j))
                             part_loss = loss_of(part) / len(parts)

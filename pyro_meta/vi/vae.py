@@ -359,11 +359,17 @@ def evaluate_bounds(vae: VAE, images: Tensor, k: int = 5000, ks: tuple[int, ...]
 
 
 @torch.no_grad()
-def active_units(vae: VAE, images: Tensor, threshold: float = 1e-2) -> tuple[int, Tensor]:
-    """Burda et al.'s activity of each latent unit, ``Cov_x(E_q[z_u | x])``, over ``images``; a unit is
-    active above ``threshold``. Returns ``(count, variances [latent])``."""
+def posterior_means(vae: VAE, images: Tensor, chunk: int = 1000) -> Tensor:
+    """``E_q[z | x]`` of every image, ``[N, latent]`` on the CPU."""
     dev = next(vae.parameters()).device
-    mu = torch.cat([vae.guide.posterior(images[i:i + 1000].to(dev))[0].cpu() for i in range(0, len(images), 1000)])
+    return torch.cat([vae.guide.posterior(images[i:i + chunk].to(dev))[0].cpu() for i in range(0, len(images), chunk)])
+
+
+@torch.no_grad()
+def active_units(vae: VAE, images: Tensor, threshold: float = 1e-2, means: Tensor | None = None) -> tuple[int, Tensor]:
+    """Burda et al.'s activity of each latent unit, ``Cov_x(E_q[z_u | x])``, over ``images`` (or their
+    precomputed ``means``); a unit is active above ``threshold``. Returns ``(count, variances [latent])``."""
+    mu = posterior_means(vae, images) if means is None else means
     var = mu.var(0)
     return int((var > threshold).sum()), var
 
@@ -428,8 +434,7 @@ def plot_vae(vae: VAE, test: Tensor, alphabets: list[str], path: str | Path, ima
         ax.grid(alpha=0.3)
     else:
         ax.axis("off")
-    dev = next(vae.parameters()).device
-    mu = torch.cat([vae.guide.posterior(test[i:i + 1000].to(dev))[0].cpu() for i in range(0, len(test), 1000)])
+    mu = posterior_means(vae, test)
     centred = mu - mu.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
     pcs = (centred @ v[:2].T).numpy()
@@ -445,7 +450,7 @@ def plot_vae(vae: VAE, test: Tensor, alphabets: list[str], path: str | Path, ima
                  "dimensions, coloured by alphabet", fontsize=10)
     ax.legend(fontsize=7, markerscale=4, ncol=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     ax = fig.add_subplot(grid[1, 2])
-    count, var = active_units(vae, test)
+    count, var = active_units(vae, test, means=mu)
     order = torch.sort(var, descending=True).values.clamp_min(1e-8).numpy()
     ax.bar(np.arange(len(order)), order, color=["C0" if v > 1e-2 else "C7" for v in order])
     ax.axhline(1e-2, color="k", lw=0.8, ls="--")

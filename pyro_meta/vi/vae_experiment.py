@@ -200,24 +200,12 @@ def _read_metrics(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _device_guess(args: argparse.Namespace) -> str:
-    """The device, known before the config is resolved (under torchrun it picks gloo or nccl)."""
-    if getattr(args, "device", None):
-        return args.device
-    path = args.out / CONFIG
-    if args.resume and path.is_file():
-        try:
-            return json.loads(path.read_text()).get("device") or "cpu"
-        except ValueError:
-            pass
-    return DEFAULTS["device"]
-
-
 def run(args: argparse.Namespace, command: str | None = None) -> int:
     """Train, evaluate and report. Under torchrun (``WORLD_SIZE`` > 1) the minibatch is split over the ranks
     (:mod:`pyro_meta.distributed`; ``--batch-size`` must be a multiple of their number): rank 0 resolves the
     config, owns the run directory and evaluates; the other ranks train their shares."""
-    ctx = distributed.init_from_env(_device_guess(args))
+    ctx = distributed.init_from_env(distributed.launch_device(getattr(args, "device", None), args.out / CONFIG,
+                                                              args.resume, DEFAULTS["device"]))
     if ctx is not None and not ctx.is_main:
         kind, cfg = distributed.broadcast(None)
         if kind == "error":
@@ -236,18 +224,12 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     apply_threads(cfg["threads"])
     progress = not getattr(args, "no_progress", False)
     data, stream, vae, steps = _build(cfg, progress)
-    # what must match on resume: everything that shapes the training trajectory
-    trajectory = {k: v for k, v in cfg.items() if k not in RESUMABLE}
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, "vi vae"):
         atomic_write_json(out / CONFIG, cfg)
         cmd = command or command_line(cfg, out)
         try:
-            result = fit(vae, stream, steps, meta_lr=cfg["lr"], grad_clip=None, out_dir=out,
-                         resume=args.resume, run_config=trajectory, device=cfg["device"], log_every=100,
-                         checkpoint_every=10**9, checkpoint_minutes=cfg["checkpoint_minutes"],
-                         skip_nonfinite=cfg["skip_nonfinite"], progress=progress,
-                         max_seconds=None if cfg["max_minutes"] is None else 60 * cfg["max_minutes"])
+            result = _fit(vae, stream, steps, cfg, out, args.resume, progress)
         except KeyboardInterrupt as e:
             e.resume_command = f"pyro-meta vi vae --out {shlex.quote(str(out))} --resume"
             raise
@@ -319,11 +301,19 @@ def _train_share(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     """A rank other than 0: train its share of every minibatch; rank 0 writes and evaluates."""
     apply_threads(cfg["threads"])
     _, stream, vae, steps = _build(cfg, progress=False)
-    fit(vae, stream, steps, meta_lr=cfg["lr"], grad_clip=None, out_dir=args.out, resume=args.resume,
-        run_config={k: v for k, v in cfg.items() if k not in RESUMABLE}, device=cfg["device"], log_every=100,
-        checkpoint_every=10**9, checkpoint_minutes=cfg["checkpoint_minutes"], skip_nonfinite=cfg["skip_nonfinite"],
-        progress=False, max_seconds=None if cfg["max_minutes"] is None else 60 * cfg["max_minutes"])
+    _fit(vae, stream, steps, cfg, args.out, args.resume, progress=False)
     return 0
+
+
+def _fit(vae: VAE, stream: ImageStream, steps: int, cfg: dict[str, Any], out: Path, resume: bool,
+         progress: bool) -> Any:
+    """:func:`fit` with the run's settings; what must match on resume is everything that shapes the
+    training trajectory (all but :data:`RESUMABLE`)."""
+    return fit(vae, stream, steps, meta_lr=cfg["lr"], grad_clip=None, out_dir=out, resume=resume,
+               run_config={k: v for k, v in cfg.items() if k not in RESUMABLE}, device=cfg["device"], log_every=100,
+               checkpoint_every=10**9, checkpoint_minutes=cfg["checkpoint_minutes"],
+               skip_nonfinite=cfg["skip_nonfinite"], progress=progress,
+               max_seconds=None if cfg["max_minutes"] is None else 60 * cfg["max_minutes"])
 
 
 def results_markdown(r: dict[str, Any]) -> str:
