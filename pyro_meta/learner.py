@@ -6,9 +6,9 @@ from typing import Any, Protocol
 
 import pyro
 from pyro import poutine
-from pyro.infer import Trace_ELBO
 from torch import Tensor, nn
 
+from .infer import LeanTrace_ELBO
 from .tasks import TaskBatch
 
 # Parameters declared with pyro.param / PyroParam inside a PyroModule belong to that module (so a
@@ -28,7 +28,7 @@ class MetaLearner(nn.Module):
     :param model: a Pyro program ``model(batch: TaskBatch)`` that observes the query labels at a site
         named ``"y_query"`` (one factor per point, tasks plate at ``dim=-2``, points at ``dim=-1``).
     :param guide: a Pyro program ``guide(batch)`` that conditions on the support set only.
-    :param objective: default ``Trace_ELBO()``; any object with ``differentiable_loss``.
+    :param objective: default ``LeanTrace_ELBO()`` (``Trace_ELBO``'s estimate on a shorter path); any object with ``differentiable_loss``.
     :param name: a label for logs and plots.
     :param protocol: the method's resolved settings, written into the run's config.
     :param predictive_guide: the program that predicts from the support set alone, run by the
@@ -53,7 +53,7 @@ class MetaLearner(nn.Module):
             raise TypeError("predictive_guide must be a callable (a Pyro program) taking a TaskBatch")
         self.model, self.guide = model, guide
         self._predictive_guide = predictive_guide
-        self.objective = objective if objective is not None else Trace_ELBO()
+        self.objective = objective if objective is not None else LeanTrace_ELBO()
         self.name = name
         self.protocol = dict(protocol or {})
 

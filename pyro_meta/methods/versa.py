@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pyro.infer import Trace_ELBO
 
 from ..config import RunConfig
 from ..guides import VERSAGuide
-from ..infer import MLPIP
+from ..infer import MLPIP, LeanTrace_ELBO
 from ..learner import MetaLearner
 from ..models import VERSAModel
 from ..nn import FunctionalNet
@@ -21,7 +20,7 @@ def build(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
     torch.manual_seed(cfg.seed)  # the amortizer's nn.Linear layers draw from the global RNG
     guide = VERSAGuide(model, cfg.hidden)
     objective = MLPIP(cfg.train_samples, cfg.local_reparam) if cfg.objective == "ml-pip" else \
-        Trace_ELBO(num_particles=cfg.train_samples, vectorize_particles=True, max_plate_nesting=2)
+        LeanTrace_ELBO(num_particles=cfg.train_samples, vectorize_particles=True, max_plate_nesting=2)
     return MetaLearner(model, guide, objective, name="versa", protocol=protocol(cfg))
 
 

@@ -10,6 +10,8 @@ the ArviZ export can add a samples dimension on the left):
 
 from __future__ import annotations
 
+import functools
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -33,8 +35,18 @@ def log_gamma_dist(concentration: float, rate: float, like: Tensor) -> dist.Dist
     return dist.TransformedDistribution(base, [ExpTransform().inv])
 
 
+@functools.lru_cache(maxsize=256)
+def full_plate(name: str, size: int, dim: int) -> pyro.plate:
+    """``pyro.plate(name, size, dim=dim)`` without subsampling, built once per ``(name, size, dim)`` and
+    reused (a plate is a reusable context manager): building one costs more than entering it (about
+    15 vs 1.3 microseconds here), and a meta-training step enters several. A reused plate records no
+    subsample site in the traces after its first (subsample sites carry no log-density; every ELBO
+    drops them)."""
+    return pyro.plate(name, size, dim=dim)
+
+
 def tasks_plate(num_tasks: int) -> pyro.plate:
-    return pyro.plate("tasks", num_tasks, dim=TASK_DIM)
+    return full_plate("tasks", num_tasks, TASK_DIM)
 
 
 def conditioning_set(batch: TaskBatch, with_query: bool) -> tuple[Tensor, Tensor]:
@@ -52,7 +64,7 @@ def observe(name: str, likelihood: Likelihood, f: Tensor, y: Tensor | None, mean
     :param mean: average over the ``N`` points instead of summing (MAML's mean-squared-error loss).
     """
     n = f.shape[-2]
-    with pyro.plate(f"{name}_points", n, dim=POINT_DIM), poutine.scale(scale=1.0 / n if mean else 1.0):
+    with full_plate(f"{name}_points", n, POINT_DIM), poutine.scale(scale=1.0 / n if mean else 1.0):
         return pyro.sample(name, likelihood(f), obs=y)
 
 

@@ -61,6 +61,9 @@ class MLP(FunctionalNet):
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
             shapes += [(f"w{i}", (b, a)), (f"b{i}", (b,))]
         self.spec = ParamSpec(shapes)
+        # per layer (out, in), and the flat vector's split sizes (w0, b0, w1, b1, ...), for __call__
+        self._layers = [(b, a) for a, b in zip(sizes[:-1], sizes[1:])]
+        self._sizes = [b - a for a, b in self.spec.offsets.values()]
         self.input_shape = (sizes[0],)
         self.output_dim = sizes[-1]
 
@@ -76,18 +79,22 @@ class MLP(FunctionalNet):
     def __call__(self, params: Tensor, x: Tensor) -> Tensor:
         if params.shape[-1] != self.num_params:
             raise ValueError(f"expected weights [..., {self.num_params}], got {tuple(params.shape)}")
-        batch = torch.broadcast_shapes(params.shape[:-1], x.shape[:-2])
-        nb = math.prod(batch)
-        # flatten every leading dim into one so each layer is a single fused batched matmul-add
-        p = params.expand(*batch, self.num_params).reshape(nb, self.num_params)  # B D
-        h = x.expand(*batch, *x.shape[-2:]).reshape(nb, *x.shape[-2:])  # B N in
-        n_layers = len(self.sizes) - 1
-        for i in range(n_layers):
-            (wa, wb), (ba, bb) = self.spec.offsets[f"w{i}"], self.spec.offsets[f"b{i}"]
-            out_dim, in_dim = self.spec.shapes[f"w{i}"]
-            w = p[:, wa:wb].view(nb, out_dim, in_dim)  # B out in
-            h = torch.baddbmm(p[:, ba:bb].unsqueeze(1), h, w.transpose(1, 2))  # B N out
-            if i < n_layers - 1:
+        if params.dim() == 2 and x.dim() == 3 and x.shape[0] == params.shape[0]:
+            batch, nb, p, h = params.shape[:1], params.shape[0], params, x  # already B D and B N in
+        else:
+            batch = torch.broadcast_shapes(params.shape[:-1], x.shape[:-2])
+            nb = math.prod(batch)
+            # flatten every leading dim into one so each layer is a single fused batched matmul-add
+            p = params.expand(*batch, self.num_params).reshape(nb, self.num_params)  # B D
+            h = x.expand(*batch, *x.shape[-2:]).reshape(nb, *x.shape[-2:])  # B N in
+        # one split, not a slice per tensor: a slice's backward fills a zero [B, D] gradient each (and
+        # the inner loop's double backward again); a split's backward is one concatenation
+        parts = p.split(self._sizes, dim=-1)
+        last = len(self._layers) - 1
+        for i, (out_dim, in_dim) in enumerate(self._layers):
+            w = parts[2 * i].view(nb, out_dim, in_dim)  # B out in
+            h = torch.baddbmm(parts[2 * i + 1].unsqueeze(1), h, w.transpose(1, 2))  # B N out
+            if i < last:
                 h = self._act(h)
         return h.reshape(*batch, *h.shape[-2:])  # *batch N out
 

@@ -37,10 +37,10 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
 from torch import Tensor, nn
 
 from ..checks import ModelCheckError
+from ..infer.elbo import LeanTrace_ELBO
 from ..infer.iwae import ImportanceWeightedELBO, bounds_from_log_weights
 
 OBJECTIVES = ("elbo", "iwae")
@@ -213,15 +213,15 @@ class VAEGuide(nn.Module):
 
 
 def make_objective(objective: str, k: int) -> Any:
-    """``elbo``: Trace_ELBO averaged over k vectorized samples; ``iwae``: the k-sample importance-weighted
-    bound."""
+    """``elbo``: Trace_ELBO (on its lean path, ``LeanTrace_ELBO``) averaged over k vectorized samples;
+    ``iwae``: the k-sample importance-weighted bound."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k (samples per image) must be a positive integer, got {k!r}")
     if objective == "iwae":
         return ImportanceWeightedELBO(num_particles=k, max_plate_nesting=1)
-    return Trace_ELBO(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1)
+    return LeanTrace_ELBO(num_particles=k, vectorize_particles=k > 1, max_plate_nesting=1)
 
 
 class VAE(nn.Module):

@@ -1,0 +1,169 @@
+"""LeanTrace_ELBO gives Trace_ELBO's estimate and gradient (float64, same draws), for every built-in
+method that uses it and for the cases its short path does not take; PointNormal is the law of
+``Normal(f, sigma).to_event(1)``; the plates the models reuse are reused."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from conftest import assert_close
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+
+from pyro_meta.config import RunConfig
+from pyro_meta.infer import LeanTrace_ELBO
+from pyro_meta.likelihoods import Gaussian, PointNormal
+from pyro_meta.methods import build_learner
+from pyro_meta.models.base import full_plate, tasks_plate
+from pyro_meta.tasks import Sinusoid
+
+SINUSOID_CASES = {
+    "maml": {"inner_steps": 2},
+    "maml-learned-noise": {"method": "maml", "inner_steps": 2, "learn_noise": True, "noise_std": 0.5},
+    "abml-paper": {"method": "abml", "inner_steps": 2, "objective": "paper", "learn_noise": True},
+    "abml-joint-2-inner-samples": {"method": "abml", "inner_steps": 2, "objective": "joint", "inner_samples": 2},
+    "amortized-mc-4-samples": {"method": "amortized", "kl_estimator": "mc", "train_samples": 4},
+    "platipus-mc": {"method": "platipus", "kl_estimator": "mc"},
+}
+
+
+def _loss_and_grads(objective, learner, batch, seed: int):
+    pyro.set_rng_seed(seed)
+    learner.zero_grad(set_to_none=True)
+    with poutine.scale(scale=1.0 / batch.num_tasks):
+        loss = objective.differentiable_loss(learner.model, learner.guide, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def _compare(lean, plain, learner, batch, seed: int = 3) -> None:
+    loss_a, grads_a = _loss_and_grads(lean, learner, batch, seed)
+    loss_b, grads_b = _loss_and_grads(plain, learner, batch, seed)
+    assert_close(loss_a, loss_b, rtol=1e-12, atol=1e-12, msg="loss")
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert_close(grads_a[name], grads_b[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("case", sorted(SINUSOID_CASES))
+def test_built_in_methods_get_trace_elbos_loss_and_gradient(case):
+    settings = {"method": case, **SINUSOID_CASES[case]}
+    torch.set_default_dtype(torch.float64)
+    learner = build_learner(RunConfig(meta_batch=3, shots=4, **settings)).double()
+    lean = learner.objective
+    assert isinstance(lean, LeanTrace_ELBO), type(lean)
+    plain = Trace_ELBO(num_particles=lean.num_particles, vectorize_particles=lean.vectorize_particles,
+                       max_plate_nesting=lean.max_plate_nesting)
+    batch = Sinusoid().sample(3, 4, 4, torch.Generator().manual_seed(1)).to("cpu", torch.float64)
+    with pyro.validation_enabled(False):  # the short path runs only with validation off
+        _compare(lean, plain, learner, batch)
+
+
+def _toy_model(data):
+    loc = pyro.sample("loc", dist.Normal(torch.zeros(()), 1.0))
+    with full_plate("toy_data", data.shape[0], -1):
+        with poutine.mask(mask=data > -1.0):  # a tensor mask: some points drop out
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=data)
+    with poutine.scale(scale=0.5):
+        pyro.sample("extra", dist.Normal(loc, 2.0))
+
+
+def _toy_guide(data, q_loc, q_scale):
+    pyro.sample("loc", dist.Normal(q_loc, q_scale))
+    pyro.sample("extra", dist.Delta(q_loc * 2.0, log_density=torch.log(q_scale)))
+
+
+@pytest.mark.parametrize("particles,vectorize", [(1, False), (3, False), (4, True)])
+def test_scales_masks_particles_and_delta_sites(particles, vectorize):
+    torch.set_default_dtype(torch.float64)
+    data = torch.tensor([0.3, -2.0, 1.5, 0.7])
+    q_loc, q_scale = torch.tensor(0.2, requires_grad=True), torch.tensor(0.8, requires_grad=True)
+    out = []
+    for cls in (LeanTrace_ELBO, Trace_ELBO):
+        elbo = cls(num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1)
+        pyro.set_rng_seed(5)
+        with pyro.validation_enabled(False):
+            loss = elbo.differentiable_loss(_toy_model, lambda d: _toy_guide(d, q_loc, q_scale), data)
+        out.append((loss.detach(), *torch.autograd.grad(loss, (q_loc, q_scale))))
+    for a, b in zip(*out):
+        assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_guide_without_rsample_falls_back_to_trace_elbos_surrogate():
+    """A Bernoulli guide site needs the score-function term; the lean path hands those runs to Trace_ELBO's
+    estimator, with the same draws (the first run's traces are reused, not redrawn)."""
+    torch.set_default_dtype(torch.float64)
+    p = torch.tensor(0.3, requires_grad=True)
+    loc = torch.tensor(0.5, requires_grad=True)
+
+    def model():
+        z = pyro.sample("z", dist.Bernoulli(torch.tensor(0.5)))
+        w = pyro.sample("w", dist.Normal(torch.tensor(0.0), 1.0))
+        pyro.sample("y", dist.Normal(w + z, 1.0), obs=torch.tensor(1.2))
+
+    def guide():
+        pyro.sample("w", dist.Normal(loc, 0.7))
+        pyro.sample("z", dist.Bernoulli(p))
+
+    out = []
+    for cls in (LeanTrace_ELBO, Trace_ELBO):
+        pyro.set_rng_seed(7)
+        with pyro.validation_enabled(False):
+            loss = cls(num_particles=3).differentiable_loss(model, guide)
+        out.append((loss.detach(), *torch.autograd.grad(loss, (p, loc))))
+    for a, b in zip(*out):
+        assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert float(out[0][1]) != 0.0  # the score-function gradient reached p
+
+
+def test_with_validation_on_it_is_trace_elbo(monkeypatch):
+    calls = []
+    original = Trace_ELBO.differentiable_loss
+    monkeypatch.setattr(Trace_ELBO, "differentiable_loss",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    data = torch.tensor([0.1, 0.2])
+    guide = lambda d: _toy_guide(d, torch.tensor(0.0), torch.tensor(1.0))  # noqa: E731
+    with pyro.validation_enabled(True):
+        LeanTrace_ELBO().differentiable_loss(_toy_model, guide, data)
+    assert calls == [1]
+    with pyro.validation_enabled(False):
+        LeanTrace_ELBO().differentiable_loss(_toy_model, guide, data)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_point_normal_is_the_independent_normal(learned):
+    torch.set_default_dtype(torch.float64)
+    lik = Gaussian(0.6, learn_noise=learned).double()
+    f = torch.randn(2, 3, 4, 2)
+    y = torch.randn(3, 4, 2)
+    d = lik(f)
+    ref = dist.Normal(f, lik.noise_std.to(f.dtype)).to_event(1)
+    assert isinstance(d, PointNormal) and isinstance(d, torch.distributions.Normal)
+    assert (d.batch_shape, d.event_shape) == (ref.batch_shape, ref.event_shape) == ((2, 3, 4), (2,))
+    assert_close(d.log_prob(y), ref.log_prob(y), rtol=1e-12)
+    assert_close(d.entropy(), ref.entropy(), rtol=1e-12)
+    assert_close(d.mean, ref.mean)
+    assert_close(d.stddev, ref.stddev)
+    assert_close(d.scale, ref.base_dist.scale)
+    assert d.expand((2, 3, 4)) is d
+    wide = d.expand((5, 2, 3, 4))
+    assert wide.batch_shape == (5, 2, 3, 4) and wide.log_prob(y).shape == (5, 2, 3, 4)
+    assert d.sample((7,)).shape == (7, 2, 3, 4, 2) and d.rsample().shape == f.shape
+    # the likelihood's inner-loop loss is the same density
+    assert_close(lik.point_loss(f, y), -ref.log_prob(y), rtol=1e-12)
+
+
+def test_plates_are_built_once_per_name_size_and_dim():
+    assert tasks_plate(5) is tasks_plate(5) is full_plate("tasks", 5, -2)
+    assert tasks_plate(5) is not tasks_plate(6)
+    assert full_plate("a_points", 3, -1) is not full_plate("b_points", 3, -1)
+    with tasks_plate(4):
+        with full_plate("x_points", 2, -1):
+            v = pyro.sample("v", dist.Normal(0.0, 1.0))
+    assert v.shape == (4, 2)
+    with tasks_plate(4):  # reused, same result
+        assert pyro.sample("v", dist.Normal(torch.zeros(1, 1), 1.0)).shape == (4, 1)
