@@ -76,8 +76,8 @@ def _posterior(x, y, loc, precision):
 class ExactGuide(ABMLGuide):
     """ABML's guide with the inner loop replaced by the exact posterior of the same conditioning set."""
 
-    def fit_q(self, x, y):
-        mean, post_prec = _posterior(x, y, self.loc, self.precision)
+    def fit_q(self, x, y, precision=None):
+        mean, post_prec = _posterior(x, y, self.loc, self.precision if precision is None else precision)
         return mean.unsqueeze(-2), (-0.5 * torch.log(post_prec)).unsqueeze(-2)  # T 1 3 each
 
 

@@ -1,6 +1,7 @@
 """LeanTrace_ELBO gives Trace_ELBO's estimate and gradient (float64, same draws), for every built-in
-method that uses it and for the cases its short path does not take; PointNormal is the law of
-``Normal(f, sigma).to_event(1)``; the plates the models reuse are reused."""
+method that uses it and for the cases its short path does not take; PointNormal, LogScaleNormal and
+PrecisionNormal are the Normal laws they stand for, in value and gradient; the plates the models reuse
+are reused."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from pyro_meta.config import RunConfig
+from pyro_meta.distributions import LogScaleNormal, PrecisionNormal
 from pyro_meta.infer import LeanTrace_ELBO
 from pyro_meta.likelihoods import Gaussian, PointNormal
 from pyro_meta.methods import build_learner
@@ -167,3 +169,54 @@ def test_plates_are_built_once_per_name_size_and_dim():
     assert v.shape == (4, 2)
     with tasks_plate(4):  # reused, same result
         assert pyro.sample("v", dist.Normal(torch.zeros(1, 1), 1.0)).shape == (4, 1)
+
+
+def _grads(fn, *params):
+    return torch.autograd.grad(fn(), params)
+
+
+def test_log_scale_normal_is_the_normal_in_value_and_gradient_at_its_own_draws():
+    torch.set_default_dtype(torch.float64)
+    loc = torch.randn(3, 1, 4, requires_grad=True)
+    log_scale = (0.3 * torch.randn(3, 1, 4)).requires_grad_()
+    q = LogScaleNormal(loc, log_scale)
+    ref = dist.Normal(loc, torch.exp(log_scale))
+    assert isinstance(q, dist.Normal) and q.batch_shape == ref.batch_shape
+    assert_close(q.scale, ref.scale)
+    assert_close(q.entropy(), ref.entropy(), rtol=1e-12)
+    pyro.set_rng_seed(2)
+    v = q.rsample((2,))  # the shortcut: log q from the kept eps
+    pyro.set_rng_seed(2)
+    v_ref = ref.rsample((2,))
+    assert_close(v, v_ref, rtol=1e-12)
+    a = _grads(lambda: (q.log_prob(v) * torch.arange(1.0, 25.0).view(2, 3, 1, 4)).sum() + v.sum(), loc, log_scale)
+    b = _grads(lambda: (ref.log_prob(v_ref) * torch.arange(1.0, 25.0).view(2, 3, 1, 4)).sum() + v_ref.sum(), loc, log_scale)
+    for x, y in zip(a, b):
+        assert_close(x, y, rtol=1e-10, atol=1e-12)
+    other = torch.randn(3, 1, 4)  # any other value: Normal's formula
+    assert_close(q.log_prob(other), ref.log_prob(other), rtol=1e-12)
+    assert q.expand((3, 1, 4)) is q and q.expand((2, 3, 1, 4)).log_prob(other).shape == (2, 3, 1, 4)
+
+
+def test_precision_normal_is_the_normal_and_broadcasts_lazily():
+    torch.set_default_dtype(torch.float64)
+    loc = torch.randn(4, requires_grad=True)
+    prec = torch.rand(4).add(0.5).requires_grad_()
+    p = PrecisionNormal(loc, prec)
+    ref = dist.Normal(loc, prec.rsqrt())
+    value = torch.randn(3, 1, 4)
+    assert_close(p.log_prob(value), ref.log_prob(value), rtol=1e-12)
+    for x, y in zip(_grads(lambda: p.log_prob(value).sum(), loc, prec),
+                    _grads(lambda: ref.log_prob(value).sum(), loc, prec)):
+        assert_close(x, y, rtol=1e-10, atol=1e-12)
+    wide = p.expand((3, 1, 4))
+    assert wide.batch_shape == (3, 1, 4) and wide._loc.shape == (4,)  # parameters not expanded
+    assert_close(wide.log_prob(torch.zeros(4)), ref.expand((3, 1, 4)).log_prob(torch.zeros(4)), rtol=1e-12)
+    assert_close(wide.loc, ref.expand((3, 1, 4)).loc)
+    assert wide.scale.shape == (3, 1, 4)
+    assert_close(p.entropy(), ref.entropy(), rtol=1e-12)
+    assert wide.rsample((2,)).shape == (2, 3, 1, 4) and wide.sample().shape == (3, 1, 4)
+    # TraceMeanField_ELBO's closed-form KL sees a Normal
+    kl = torch.distributions.kl_divergence(LogScaleNormal(loc, torch.zeros(4)).to_event(1), p.to_event(1))
+    assert_close(kl, torch.distributions.kl_divergence(dist.Normal(loc, 1.0).to_event(1), ref.to_event(1)),
+                 rtol=1e-12)

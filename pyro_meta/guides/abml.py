@@ -18,6 +18,7 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
+from ..distributions import LogScaleNormal
 from ..infer import sgd_adapt
 from ..models.base import TASK_DIM, WeightSpaceModel, conditioning_set, tasks_plate
 from ..tasks import TaskBatch
@@ -111,9 +112,10 @@ class ABMLGuide(nn.Module):
         x, y = self.conditioning_set(batch)
         return self.fit_q(x, y)
 
-    def fit_q(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """K SGD steps on the ELBO of ``(x, y)`` from the prior -> ``(mu, log_std)``, ``[T, 1, D]`` each."""
-        loc, prec = self.loc, self.precision
+    def fit_q(self, x: Tensor, y: Tensor, precision: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """K SGD steps on the ELBO of ``(x, y)`` from the prior -> ``(mu, log_std)``, ``[T, 1, D]`` each.
+        ``precision``: the prior's, when the caller has computed it already."""
+        loc, prec = self.loc, self.precision if precision is None else precision
         log_prec = torch.log(prec)  # once per adaptation, not once per inner step
         steps = self.inner_steps if self.training else self.inner_steps_eval
         shape = (x.shape[0], 1, loc.shape[-1])
@@ -138,12 +140,13 @@ class ABMLGuide(nn.Module):
                          lr, self.first_order, update=update)
 
     def forward(self, batch: TaskBatch) -> Tensor:
+        precision = self.precision
         pyro.sample("prior_loc", dist.Delta(self.loc, event_dim=1))
-        pyro.sample("prior_precision", dist.Delta(self.precision, event_dim=1))
-        mu, log_std = self.adapt(batch)
+        pyro.sample("prior_precision", dist.Delta(precision, event_dim=1))
+        mu, log_std = self.fit_q(*self.conditioning_set(batch), precision)
         with tasks_plate(batch.num_tasks), pyro.poutine.scale(scale=self.model.kl_weight):
-            scale = torch.exp(log_std.clamp(LOG_STD_MIN, LOG_STD_MAX))
-            return pyro.sample("phi", dist.Normal(mu, scale).to_event(1))
+            q = LogScaleNormal(mu, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX))  # N(mu, exp(s)^2)
+            return pyro.sample("phi", q.to_event(1))
 
     def prior_summary(self) -> dict[str, Tensor]:
         return {"prior_loc": self.loc.detach(), "prior_std": self.precision.detach().rsqrt()}

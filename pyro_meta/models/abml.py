@@ -22,6 +22,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
+from ..distributions import PrecisionNormal
 from ..likelihoods import Likelihood
 from ..nn import FunctionalNet
 from ..tasks import TaskBatch
@@ -52,14 +53,16 @@ class ABMLModel(WeightSpaceModel):
             raise ValueError(f"objective must be one of {ABML_OBJECTIVES}, got {objective!r}")
         super().__init__(net, likelihood, score=_SCORED[objective], kl_weight=kl_weight)
         self.objective, self.hyperprior_weight = objective, hyperprior_weight
+        self._hyperprior: dict = {}
 
     def hyperprior(self, like: torch.Tensor) -> tuple[dist.Distribution, dist.Distribution]:
-        d = self.net.num_params
-        z = like.new_zeros(d)
-        return (
-            dist.Normal(z, HYPER_LOC_STD).to_event(1),
-            dist.Gamma(z + GAMMA_CONCENTRATION, z + GAMMA_RATE).to_event(1),
-        )
+        """``(p(mu_theta), p(tau_theta))``, built once per dtype and device (they have no parameters)."""
+        key = (like.dtype, like.device)
+        if key not in self._hyperprior:
+            z = like.new_zeros(self.net.num_params)
+            self._hyperprior[key] = (dist.Normal(z, HYPER_LOC_STD).to_event(1),
+                                     dist.Gamma(z + GAMMA_CONCENTRATION, z + GAMMA_RATE).to_event(1))
+        return self._hyperprior[key]
 
     def phi_prior(self, batch: TaskBatch) -> dist.Distribution:
         loc_prior, prec_prior = self.hyperprior(batch.x_support)
@@ -67,4 +70,4 @@ class ABMLModel(WeightSpaceModel):
             loc = pyro.sample("prior_loc", loc_prior)  # [..., D]
             precision = pyro.sample("prior_precision", prec_prior)  # [..., D]
         # batch shape [] (or [S, 1, 1] under an outer samples plate) broadcasts over the tasks plate
-        return dist.Normal(loc, precision.rsqrt()).to_event(1)
+        return PrecisionNormal(loc, precision).to_event(1)
