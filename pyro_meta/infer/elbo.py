@@ -41,16 +41,28 @@ class _NeedsScoreFunction(Exception):
     """A guide site has no reparameterized sampler: the estimate needs Trace_ELBO's surrogate."""
 
 
-def _log_prob_sum(site: dict) -> torch.Tensor | float:
-    """``sum(scale * mask * log p(value))`` at one site, as ``Trace.compute_log_prob`` computes it."""
-    fn = site["fn"]
-    if isinstance(fn, ImproperUniform):
-        return 0.0
+def _site_term(site: dict) -> tuple[float | None, torch.Tensor | None]:
+    """``(scale, sum(mask * log p(value)))`` at one site, or ``(None, term)`` with the scale applied already
+    (a tensor scale), or ``(None, None)`` for a site that adds nothing. ``scale * term`` is what
+    ``Trace.compute_log_prob`` gives the site's ``log_prob_sum``."""
+    fn, mask, scale = site["fn"], site["mask"], site["scale"]
+    if isinstance(fn, ImproperUniform) or mask is False:
+        return None, None  # a flat density, or a masked-out site: 0
     if isinstance(fn, Delta) and not site["is_observed"] and not site["args"] and not site["kwargs"]:
         log_p = fn.log_density  # the value is the support point: log q = log_density exactly
     else:
         log_p = fn.log_prob(site["value"], *site["args"], **site["kwargs"])
-    return scale_and_mask(log_p, site["scale"], site["mask"]).sum()
+    if isinstance(scale, torch.Tensor):
+        return None, scale_and_mask(log_p, scale, mask).sum()
+    if mask is not None and mask is not True:
+        log_p = torch.where(mask, log_p, log_p.new_zeros(()))
+    return float(scale), log_p.sum()
+
+
+def _total(terms: list[torch.Tensor]) -> torch.Tensor | float:
+    if not terms:
+        return 0.0
+    return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
 
 class LeanTrace_ELBO(Trace_ELBO):
@@ -85,16 +97,23 @@ class LeanTrace_ELBO(Trace_ELBO):
 
     @staticmethod
     def _negative_elbo(model_trace: poutine.Trace, guide_trace: poutine.Trace) -> torch.Tensor | float:
-        elbo: torch.Tensor | float = 0.0
-        for site in guide_trace.nodes.values():
-            if site["type"] == "sample" and not site_is_subsample(site):
-                if not site["is_observed"] and not site["fn"].has_rsample:
+        """``sum_sites log q - sum_sites log p``: the site sums are grouped by their scale (a meta-batch's sites
+        share ``1/T`` or a few multiples of it), so each group is scaled once, not each site."""
+        groups: dict[float | None, tuple[list, list]] = {}  # scale -> (guide terms, model terms)
+        for side, trace in ((0, guide_trace), (1, model_trace)):
+            for site in trace.nodes.values():
+                if site["type"] != "sample" or site_is_subsample(site):
+                    continue
+                if side == 0 and not site["is_observed"] and not site["fn"].has_rsample:
                     raise _NeedsScoreFunction(site["name"])
-                elbo = elbo - _log_prob_sum(site)
-        for site in model_trace.nodes.values():
-            if site["type"] == "sample" and not site_is_subsample(site):
-                elbo = elbo + _log_prob_sum(site)
-        return -elbo
+                scale, term = _site_term(site)
+                if term is not None:
+                    groups.setdefault(scale, ([], []))[side].append(term)
+        loss: torch.Tensor | float = 0.0
+        for scale, (guide_terms, model_terms) in groups.items():
+            part = _total(guide_terms) - _total(model_terms)
+            loss = loss + (part if scale is None or scale == 1.0 else part * scale)
+        return loss
 
     def _surrogate(self, pairs: list) -> torch.Tensor:
         """Trace_ELBO's estimator over these (pruned, scored) trace pairs, divided by ``num_particles``: the
