@@ -220,3 +220,13 @@ def test_precision_normal_is_the_normal_and_broadcasts_lazily():
     kl = torch.distributions.kl_divergence(LogScaleNormal(loc, torch.zeros(4)).to_event(1), p.to_event(1))
     assert_close(kl, torch.distributions.kl_divergence(dist.Normal(loc, 1.0).to_event(1), ref.to_event(1)),
                  rtol=1e-12)
+
+
+def test_a_reused_plate_leaves_the_same_trace_every_time():
+    def model():
+        with full_plate("fresh_plate_for_this_test", 3, -1):
+            pyro.sample("v", dist.Normal(torch.zeros(3), 1.0))
+
+    first, second = ({n for n, s in poutine.trace(model).get_trace().nodes.items() if s["type"] == "sample"}
+                     for _ in range(2))
+    assert first == second == {"v"}  # no subsample site, not even in the trace that built the plate

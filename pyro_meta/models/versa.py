@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..likelihoods import Categorical
 from ..nn import FunctionalNet
 from ..tasks import TaskBatch
-from .base import TASK_DIM, observe, tasks_plate
+from .base import TASK_DIM, full_plate, observe, tasks_plate
 
 CLASS_DIM = -1  # the classes plate, nested inside the tasks plate (dim -2)
 
@@ -41,7 +41,7 @@ def num_classes(batch: TaskBatch) -> int:
 
 
 def classes_plate(num: int) -> pyro.plate:
-    return pyro.plate("classes", num, dim=CLASS_DIM)
+    return full_plate("classes", num, CLASS_DIM)
 
 
 class VERSAModel(nn.Module):

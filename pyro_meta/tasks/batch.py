@@ -73,6 +73,16 @@ class TaskBatch:
                     f"y_query: expected dtype {ys.dtype} and trailing shape {tuple(ys.shape[2:])} "
                     f"like y_support, got {_describe(yq)}"
                 )
+        for k, v in self.info.items():
+            if not isinstance(v, Tensor) or v.dim() == 0 or v.shape[0] != xs.shape[0]:
+                came = _describe(v) if isinstance(v, Tensor) else type(v).__name__
+                raise TaskBatchError(f"info[{k!r}]: expected a tensor [T={xs.shape[0]}, ...], got {came}")
+        if not getattr(self, "_trusted", False):
+            self._check_values()
+
+    def _check_values(self) -> None:
+        """Checks that read the data (and so wait for a GPU): finite inputs and targets, labels in range."""
+        xs, ys, xq, yq = self.x_support, self.y_support, self.x_query, self.y_query
         for name, t in (("x_support", xs), ("y_support", ys), ("x_query", xq), ("y_query", yq)):
             # a sum is NaN/inf when any entry is (or when it overflows): the full check only then, since
             # isfinite over a 20-way 15-query meta-batch (7.5M pixels) costs tens of ms per step
@@ -82,10 +92,20 @@ class TaskBatch:
                 raise TaskBatchError(f"{name}: contains {bad} NaN or inf value(s); data must be finite")
         if not ys.is_floating_point():
             self._check_classes(ys, yq)
-        for k, v in self.info.items():
-            if not isinstance(v, Tensor) or v.dim() == 0 or v.shape[0] != xs.shape[0]:
-                came = _describe(v) if isinstance(v, Tensor) else type(v).__name__
-                raise TaskBatchError(f"info[{k!r}]: expected a tensor [T={xs.shape[0]}, ...], got {came}")
+
+    @classmethod
+    def trusted(cls, x_support: Tensor, y_support: Tensor, x_query: Tensor, y_query: Tensor | None,
+                info: dict[str, Tensor] | None = None) -> TaskBatch:
+        """A batch from a source that guarantees its values (finite inputs, labels 0..C-1), such as the
+        episode sampler's: shapes, dtypes and devices are checked, the values are not, so building it
+        reads no data back from a GPU."""
+        out = object.__new__(cls)
+        object.__setattr__(out, "_trusted", True)
+        for name, v in (("x_support", x_support), ("y_support", y_support), ("x_query", x_query),
+                        ("y_query", y_query), ("info", {} if info is None else info)):
+            object.__setattr__(out, name, v)
+        out.__post_init__()
+        return out
 
     def _check_classes(self, ys: Tensor, yq: Tensor | None) -> None:
         """Class labels are 0..C-1: none negative; none at or past ``C`` when the episode says how many

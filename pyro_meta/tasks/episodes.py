@@ -56,7 +56,8 @@ def _sample(
         return x.to(torch.float32).div_(255.0)
 
     labels = torch.arange(ways, device=images.device)
-    return TaskBatch(
+    # values guaranteed by construction (pixels from uint8, labels 0..ways-1): no check reads them back
+    return TaskBatch.trusted(
         take(flat_index[:, :, :shots]),
         labels.repeat_interleave(shots).repeat(T, 1),
         take(flat_index[:, :, shots:]),
@@ -97,6 +98,13 @@ class EpisodeSampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> EpisodeSampler:
+        return self
+
+    def to(self, device: torch.device | str) -> EpisodeSampler:
+        """Keep the pool's images on ``device`` (moved once; uint8, 64 MB for the Vinyals train pool):
+        every meta-batch is then gathered there, and per step only the drawn indices (a few KB, from
+        the CPU generator, so the stream is the same on every device) cross from the host."""
+        self.pool = ClassPool(self.pool.images.to(device), self.pool.names)
         return self
 
     def __next__(self) -> TaskBatch:

@@ -42,6 +42,15 @@ class TaskStream:
     def __iter__(self):
         return self
 
+    def to(self, device: torch.device | str) -> TaskStream:
+        """Keep a finite training set on ``device`` (moved once; each meta-batch is then selected there by
+        indices from the CPU generator). An endless stream draws every meta-batch with its CPU generator,
+        so the tasks are the same on every device, and ``fit`` moves it (a few KB per step for the
+        regression families)."""
+        if self.pool is not None:
+            self.pool = self.pool.to(device)
+        return self
+
     def __next__(self) -> TaskBatch:
         if self.pool is None:
             return self.family.sample(self.meta_batch, self.shots, self.queries, self.generator)

@@ -27,6 +27,11 @@ class BatchCycle:
     def __iter__(self) -> BatchCycle:
         return self
 
+    def to(self, device) -> BatchCycle:  # noqa: ANN001 - torch.device or str
+        """Move every meta-batch to ``device`` once (this cycle's own list; the caller's batches stay)."""
+        self.batches = [b.to(device) for b in self.batches]
+        return self
+
     def __next__(self) -> TaskBatch:
         b = self.batches[self.position % len(self.batches)]
         self.position += 1
@@ -56,6 +61,13 @@ def as_task_source(tasks: Iterable[TaskBatch] | TaskBatch) -> Iterator[TaskBatch
         return iter(tasks)
     raise TypeError(f"tasks must be a task stream, a TaskBatch, a list of TaskBatch or an iterable of them, "
                     f"got {type(tasks).__name__}")
+
+
+def place(source: Any, device) -> Any:  # noqa: ANN001 - torch.device or str
+    """Let a task source keep its data on ``device`` when it can (it has ``to(device)``, as the built-in
+    streams and samplers do): the meta-batches it yields are then on the device already."""
+    mover = getattr(source, "to", None)
+    return mover(device) if callable(mover) else source
 
 
 def is_resumable(source: Any) -> bool:
