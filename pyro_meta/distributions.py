@@ -15,6 +15,10 @@ elementwise, like ``Normal`` (wrap them in ``.to_event(1)`` for a vector site). 
   parameters stay in their own (un-broadcast) shape: a ``[D]`` prior expanded over a ``[T, 1]`` tasks plate
   does the ``[D]``-sized work once and only the ``[T, 1, D]`` difference per task.
 
+And :class:`PointMass`, a :class:`~pyro.distributions.Delta` (a point estimate: MAML's weights, ABML's
+prior) whose density is 0 at its point, built without allocating a ``log_density`` tensor, and whose
+draw is its point itself.
+
 Pyro's plates call ``expand`` on every site's distribution; here an ``expand`` to the shape a
 distribution already has returns it unchanged.
 """
@@ -118,3 +122,28 @@ class PrecisionNormal(dist.Normal):
 
     def entropy(self) -> Tensor:
         return ((0.5 + HALF_LOG_2PI) - 0.5 * self.log_precision).expand(self.batch_shape)
+
+
+class PointMass(dist.Delta):
+    """``Delta(v, event_dim)`` with ``log_density = 0``: the log density is 0 at ``v`` (``-inf`` elsewhere,
+    as for Delta). :param v: the point; :param event_dim: dims of ``v`` that form one event."""
+
+    def __init__(self, v: Tensor, event_dim: int = 0):
+        if event_dim > v.dim():
+            raise ValueError(f"event_dim {event_dim} exceeds the point's {v.dim()} dims")
+        batch_dim = v.dim() - event_dim
+        self.v = v
+        Distribution.__init__(self, v.shape[:batch_dim], v.shape[batch_dim:], validate_args=False)
+
+    @property
+    def log_density(self) -> Tensor:  # type: ignore[override]
+        return self.v.new_zeros(()).expand(self.batch_shape)
+
+    def expand(self, batch_shape, _instance=None) -> PointMass:  # type: ignore[override]
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape:
+            return self
+        return PointMass(self.v.expand(batch_shape + self.event_shape), len(self.event_shape))
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:  # noqa: B008 - torch's signature
+        return self.v if not sample_shape else self.v.expand(torch.Size(sample_shape) + self.v.shape)

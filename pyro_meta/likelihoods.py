@@ -29,13 +29,14 @@ class Likelihood(nn.Module):
         raise NotImplementedError
 
 
-def _gaussian_nll(f: Tensor, y: Tensor, sigma: Tensor | float) -> Tensor:
-    """``-log N(y | f, sigma^2 I)`` over the last dim: the squared error first, then one scale and one
-    shift (the fewest graph nodes: this runs in every inner step and in every observation site)."""
+def _gaussian_nll(f: Tensor, y: Tensor, sigma: Tensor | float, sign: float = 1.0) -> Tensor:
+    """``-log N(y | f, sigma^2 I)`` over the last dim (``sign=-1``: the log density): the squared error
+    first, then one scale and one shift, the sign folded into both (the fewest graph nodes: this runs in
+    every inner step and in every observation site)."""
     d = y - f
     sq = (d * d).sum(-1)
     log_sigma = torch.log(sigma) if isinstance(sigma, Tensor) else math.log(sigma)
-    return sq * (0.5 / (sigma * sigma)) + f.shape[-1] * (log_sigma + _HALF_LOG_2PI)
+    return sq * (sign * 0.5 / (sigma * sigma)) + sign * f.shape[-1] * (log_sigma + _HALF_LOG_2PI)
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -73,7 +74,7 @@ class PointNormal(dist.Normal):
         return PointNormal(self.loc.expand(batch_shape + self.event_shape), self.sigma)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        return -_gaussian_nll(self.loc, value, self.sigma)
+        return _gaussian_nll(self.loc, value, self.sigma, sign=-1.0)
 
     def entropy(self) -> Tensor:
         return super().entropy().sum(-1)

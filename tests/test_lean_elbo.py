@@ -14,7 +14,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from pyro_meta.config import RunConfig
-from pyro_meta.distributions import LogScaleNormal, PrecisionNormal
+from pyro_meta.distributions import LogScaleNormal, PointMass, PrecisionNormal
 from pyro_meta.infer import LeanTrace_ELBO
 from pyro_meta.likelihoods import Gaussian, PointNormal
 from pyro_meta.methods import build_learner
@@ -230,3 +230,32 @@ def test_a_reused_plate_leaves_the_same_trace_every_time():
     first, second = ({n for n, s in poutine.trace(model).get_trace().nodes.items() if s["type"] == "sample"}
                      for _ in range(2))
     assert first == second == {"v"}  # no subsample site, not even in the trace that built the plate
+
+
+def test_point_mass_is_a_delta_with_zero_log_density():
+    torch.set_default_dtype(torch.float64)
+    v = torch.randn(3, 1, 4, requires_grad=True)
+    p, ref = PointMass(v, event_dim=1), dist.Delta(v, event_dim=1)
+    assert isinstance(p, dist.Delta) and (p.batch_shape, p.event_shape) == (ref.batch_shape, ref.event_shape)
+    assert p.expand((3, 1)) is p and p.rsample() is v
+    assert_close(p.log_prob(v), ref.log_prob(v))
+    other = v.detach() + 1.0
+    assert torch.equal(p.log_prob(other), ref.log_prob(other))  # -inf off the point
+    wide = p.expand((2, 3, 1))
+    assert wide.batch_shape == (2, 3, 1) and wide.rsample().shape == (2, 3, 1, 4)
+    assert p.rsample((5,)).shape == (5, 3, 1, 4) and torch.equal(p.mean, v)
+    # an unobserved point mass adds nothing to the lean ELBO, as Delta's log density 0 does to Trace_ELBO's
+    q_loc = torch.tensor(0.3, requires_grad=True)
+
+    def guide(data):
+        pyro.sample("loc", PointMass(q_loc))
+        pyro.sample("extra", dist.Normal(q_loc, 1.0))
+
+    out = []
+    for cls in (LeanTrace_ELBO, Trace_ELBO):
+        pyro.set_rng_seed(1)
+        with pyro.validation_enabled(False):
+            loss = cls().differentiable_loss(_toy_model, guide, torch.tensor([0.5, 1.0]))
+        out.append((loss.detach(), *torch.autograd.grad(loss, (q_loc,))))
+    for a, b in zip(*out):
+        assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -14,11 +14,10 @@ negative, and the closed-form KL multiplies by tau instead of dividing by a vari
 from __future__ import annotations
 
 import pyro
-import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
-from ..distributions import LogScaleNormal
+from ..distributions import LogScaleNormal, PointMass
 from ..infer import sgd_adapt
 from ..models.base import TASK_DIM, WeightSpaceModel, conditioning_set, tasks_plate
 from ..tasks import TaskBatch
@@ -141,8 +140,8 @@ class ABMLGuide(nn.Module):
 
     def forward(self, batch: TaskBatch) -> Tensor:
         precision = self.precision
-        pyro.sample("prior_loc", dist.Delta(self.loc, event_dim=1))
-        pyro.sample("prior_precision", dist.Delta(precision, event_dim=1))
+        pyro.sample("prior_loc", PointMass(self.loc, event_dim=1))
+        pyro.sample("prior_precision", PointMass(precision, event_dim=1))
         mu, log_std = self.fit_q(*self.conditioning_set(batch), precision)
         with tasks_plate(batch.num_tasks), pyro.poutine.scale(scale=self.model.kl_weight):
             q = LogScaleNormal(mu, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX))  # N(mu, exp(s)^2)

@@ -4,10 +4,10 @@ support loss from the meta-learned initialization theta."""
 from __future__ import annotations
 
 import pyro
-import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
+from ..distributions import PointMass
 from ..infer import sgd_adapt
 from ..models.base import TASK_DIM, WeightSpaceModel, tasks_plate
 from ..tasks import TaskBatch
@@ -46,7 +46,7 @@ class MAMLGuide(nn.Module):
     def forward(self, batch: TaskBatch) -> Tensor:
         phi = self.adapt(batch)
         with tasks_plate(batch.num_tasks):
-            return pyro.sample("phi", dist.Delta(phi, event_dim=1))
+            return pyro.sample("phi", PointMass(phi, event_dim=1))
 
     def prior_summary(self) -> dict[str, torch.Tensor]:
         return {"theta": self.theta.detach()}

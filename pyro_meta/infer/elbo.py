@@ -15,9 +15,10 @@ device-to-host ``item()`` calls and the NaN hooks (the trainer checks every step
 norm itself). Two site kinds are summed without calling ``log_prob``:
 
 - an ``ImproperUniform`` site (a flat prior, e.g. MAML's): its log density is 0 by definition;
-- an unobserved ``Delta`` guide site (a point estimate, MAML's guide): its value is its own support
-  point, so ``log q`` is the site's ``log_density`` (0 unless the guide gives one) without the
-  equality test ``Delta.log_prob`` does.
+- an unobserved ``Delta`` guide site (a point estimate): its value is its own support point, so
+  ``log q`` is the site's ``log_density`` without the equality test ``Delta.log_prob`` does; for a
+  :class:`~pyro_meta.distributions.PointMass` (MAML's and ABML's point estimates) that is 0, and the
+  site adds nothing.
 
 Anything else goes to ``Trace_ELBO`` unchanged: a guide site without ``rsample`` (score-function
 gradients), a ``GuideMessenger`` guide, and every step while Pyro's validation is on (so its site and
@@ -36,6 +37,8 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
+from ..distributions import PointMass
+
 
 class _NeedsScoreFunction(Exception):
     """A guide site has no reparameterized sampler: the estimate needs Trace_ELBO's surrogate."""
@@ -46,8 +49,8 @@ def _site_term(site: dict) -> tuple[float | None, torch.Tensor | None]:
     (a tensor scale), or ``(None, None)`` for a site that adds nothing. ``scale * term`` is what
     ``Trace.compute_log_prob`` gives the site's ``log_prob_sum``."""
     fn, mask, scale = site["fn"], site["mask"], site["scale"]
-    if isinstance(fn, ImproperUniform) or mask is False:
-        return None, None  # a flat density, or a masked-out site: 0
+    if isinstance(fn, ImproperUniform) or mask is False or (isinstance(fn, PointMass) and not site["is_observed"]):
+        return None, None  # a flat density, a masked-out site, or a point mass at its own point: 0
     if isinstance(fn, Delta) and not site["is_observed"] and not site["args"] and not site["kwargs"]:
         log_p = fn.log_density  # the value is the support point: log q = log_density exactly
     else:
