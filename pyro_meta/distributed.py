@@ -144,6 +144,26 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def send_config(payload: Any) -> None:
+    """Rank 0: the resolved run the other ranks wait for in :func:`receive_config`."""
+    broadcast(("config", payload))
+
+
+def send_error(e: BaseException) -> None:
+    """Rank 0: the run could not start; the other ranks, waiting in :func:`receive_config`, raise it."""
+    broadcast(("error", f"{type(e).__name__}: {e}"))
+
+
+def receive_config() -> Any:
+    """A rank other than 0: what rank 0 sent with :func:`send_config`, or a ConfigError for its failure."""
+    from .config import ConfigError
+
+    kind, payload = broadcast(None)
+    if kind == "error":
+        raise ConfigError(f"rank 0 could not start the run: {payload}")
+    return payload
+
+
 def barrier() -> None:
     if current() is not None:
         dist.barrier()

@@ -45,7 +45,7 @@ class LogScaleNormal(dist.Normal):
     """``N(loc, exp(log_scale)^2)`` elementwise. :param loc: the mean; :param log_scale: the log std (any
     clamping is the caller's), broadcastable with ``loc``."""
 
-    def __init__(self, loc: Tensor, log_scale: Tensor, validate_args: bool | None = None):
+    def __init__(self, loc: Tensor, log_scale: Tensor):
         self._loc, self.log_scale = loc, log_scale
         self._drawn: tuple[Tensor, Tensor] | None = None  # (value, eps) of the last rsample
         Distribution.__init__(self, _batch_shape(loc, log_scale), validate_args=False)
@@ -87,7 +87,7 @@ class PrecisionNormal(dist.Normal):
     with ``loc``; :param log_precision: ``log(precision)`` when the caller has it (else computed here)."""
 
     def __init__(self, loc: Tensor, precision: Tensor, log_precision: Tensor | None = None,
-                 batch_shape: torch.Size | None = None, validate_args: bool | None = None):
+                 batch_shape: torch.Size | None = None):
         self._loc, self.precision = loc, precision
         self.log_precision = torch.log(precision) if log_precision is None else log_precision
         shape = _batch_shape(loc, precision) if batch_shape is None else torch.Size(batch_shape)

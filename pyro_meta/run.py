@@ -134,9 +134,7 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
     if ctx is None:
         return _train_run(cfg, out, resume, progress, stop_after, finalize_run, overrides, max_seconds, None)
     if not ctx.is_main:
-        kind, payload = distributed.broadcast(None)
-        if kind == "error":
-            raise ConfigError(f"rank 0 could not start the run: {payload}")
+        payload = distributed.receive_config()
         cfg, resume = RunConfig.from_dict(payload[0]), payload[1]
         apply_threads(cfg.threads)
         apply_precision(cfg)
@@ -155,7 +153,7 @@ def train_run(cfg: RunConfig, out: str | Path, resume: bool = False, progress: b
         return _train_run(cfg, out, resume, progress, stop_after, finalize_run, overrides, max_seconds, sent)
     except Exception as e:
         if not sent[0]:  # the other ranks are waiting for the config: tell them instead
-            distributed.broadcast(("error", f"{type(e).__name__}: {e}"))
+            distributed.send_error(e)
         raise
 
 
@@ -220,7 +218,7 @@ def _train_run(cfg: RunConfig, out: Path, resume: bool, progress: bool, stop_aft
         learner = build_learner(cfg)
         write_config(out, cfg, bm)
         if sent is not None:  # the other ranks train what rank 0 resolved
-            distributed.broadcast(("config", (cfg.to_dict(), resume)))
+            distributed.send_config((cfg.to_dict(), resume))
             sent[0] = True
         result = _fit_run(learner, bm, cfg, out, resume, progress, stop_after, max_seconds)
         if result.out_of_time:  # the budget ends the run: the steps done are its steps

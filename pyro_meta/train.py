@@ -454,7 +454,7 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
                     p.to(dev) for p in distributed.split(batch, shards)[my_shards.start:my_shards.stop]]
                 if not checked:
                     # with the RNG as it was, so a checked run draws exactly what an unchecked one does
-                    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                    with _forked_rng(dev):
                         check(parts[0])
                     checked = True
                 if ctx is not None and ddp is None:
@@ -468,7 +468,7 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
                     loss = 0.0
                     for i, (j, part) in enumerate(zip(my_shards, parts)):
                         hold = ddp.no_sync() if ddp is not None and i < len(parts) - 1 else nullcontext()
-                        with hold, torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                        with hold, _forked_rng(dev):
                             torch.manual_seed(distributed.shard_seed(noise_seed, step, j))
                             part_loss = loss_of(part) / len(parts)
                             part_loss.backward()
@@ -548,13 +548,18 @@ def _batch_contract(learner: Any) -> tuple[type, Any]:
     return batch_type, check
 
 
+def _forked_rng(dev: torch.device) -> Any:
+    """The global RNG state (and ``dev``'s, on CUDA) as it was when the block is left."""
+    return torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
+
+
 def _ddp(learner: Any, batch: Any, dev: torch.device) -> Any:
     """The learner in DistributedDataParallel (its forward is ``loss``). Parameters that one trial step on
     ``batch`` leaves without a gradient (a predictive-only guide, say) make DDP look for unused
     parameters every step; without any, that costly search is off."""
     from torch.nn.parallel import DistributedDataParallel
 
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    with _forked_rng(dev):
         learner.zero_grad(set_to_none=True)
         learner.loss(batch).backward()
     unused = any(p.grad is None for p in learner.parameters() if p.requires_grad)

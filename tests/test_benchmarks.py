@@ -9,15 +9,18 @@ import sys
 import pytest
 from conftest import REPO
 
-SCRIPT = REPO / "benchmarks" / "bench_sinusoid.py"
+
+def _quick(tmp_path, script: str, *extra: str, timeout: int = 60) -> str:
+    """Run ``benchmarks/<script> --quick [extra] --out <tmp>`` as a user would; the report it wrote."""
+    out = tmp_path / "r.md"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", *extra, "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return out.read_text()
 
 
 def test_bench_sinusoid_quick_writes_table_and_passes_self_check(tmp_path):
-    out = tmp_path / "r.md"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    text = out.read_text()
+    text = _quick(tmp_path, "bench_sinusoid.py")
     assert "Self-check: PASSED" in text
     assert "| FAIL |" not in text
     assert "| method | T | K | lib ms/step |" in text
@@ -35,12 +38,7 @@ def test_bench_sinusoid_quick_writes_table_and_passes_self_check(tmp_path):
 
 
 def test_bench_bmaml_quick_writes_rows_for_every_configuration(tmp_path):
-    out = tmp_path / "r.md"
-    script = REPO / "benchmarks" / "bench_bmaml.py"
-    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    text = out.read_text()
+    text = _quick(tmp_path, "bench_bmaml.py")
     assert "python benchmarks/bench_bmaml.py --quick --out" in text  # the exact command line
     assert "torch threads:" in text and "pyro-ppl:" in text
     assert "| configuration | M | ms/step (median) |" in text
@@ -62,12 +60,7 @@ def test_bench_bmaml_quick_writes_rows_for_every_configuration(tmp_path):
 
 
 def test_bench_vae_quick_passes_its_self_check_and_writes_every_row(tmp_path):
-    out = tmp_path / "r.md"
-    script = REPO / "benchmarks" / "bench_vae.py"
-    proc = subprocess.run([sys.executable, str(script), "--quick", "--configs", "elbo:1,iwae:5", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    text = out.read_text()
+    text = _quick(tmp_path, "bench_vae.py", "--configs", "elbo:1,iwae:5", timeout=120)
     assert "python benchmarks/bench_vae.py --quick --configs elbo:1,iwae:5 --out" in text
     assert "torch threads:" in text and "pyro-ppl:" in text
     for obj, k in (("elbo", 1), ("iwae", 5)):
@@ -79,12 +72,7 @@ def test_bench_vae_quick_passes_its_self_check_and_writes_every_row(tmp_path):
 
 @pytest.mark.slow
 def test_bench_ddp_quick_times_one_and_two_ranks(tmp_path):
-    out = tmp_path / "r.md"
-    script = REPO / "benchmarks" / "bench_ddp.py"
-    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    text = out.read_text()
+    text = _quick(tmp_path, "bench_ddp.py", timeout=300)
     assert "python benchmarks/bench_ddp.py --quick --out" in text
     row = re.search(r"^\| MAML, sinusoid.*$", text, re.MULTILINE).group(0)
     assert row.count("tasks/s") == 3 and row.count("x |") == 2, row

@@ -107,8 +107,8 @@ def _worker(rank: int, world: int, port: int, result_dir: str, calls: list[dict]
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         for i, kw in enumerate(calls):
-            run = {"vae": _train_vae, "evaluate": _evaluate}.get(kw.pop("kind", None), _train)
-            params = _train_vae(**kw) if kw["method"] == "vae" else run(**kw)
+            run = _evaluate if kw.pop("kind", None) == "evaluate" else _train_vae if kw["method"] == "vae" else _train
+            params = run(**kw)
             torch.save(params, Path(result_dir) / f"call{i}-rank{rank}.pt")
     except BaseException:
         import traceback

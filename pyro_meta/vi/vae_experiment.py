@@ -207,18 +207,15 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     ctx = distributed.init_from_env(distributed.launch_device(getattr(args, "device", None), args.out / CONFIG,
                                                               args.resume, DEFAULTS["device"]))
     if ctx is not None and not ctx.is_main:
-        kind, cfg = distributed.broadcast(None)
-        if kind == "error":
-            raise ConfigError(f"rank 0 could not start the run: {cfg}")
-        return _train_share(args, cfg)
+        return _train_share(args, distributed.receive_config())
     try:
         cfg = resolve_config(args)
     except Exception as e:
         if ctx is not None:
-            distributed.broadcast(("error", f"{type(e).__name__}: {e}"))
+            distributed.send_error(e)
         raise
     if ctx is not None:
-        distributed.broadcast(("config", cfg))
+        distributed.send_config(cfg)
     out: Path = args.out
     dev = resolve_device(cfg["device"])
     apply_threads(cfg["threads"])
