@@ -70,11 +70,11 @@ def _child(case: str, threads: int, steps: int, warmup: int, device: str) -> Non
         print(json.dumps({"seconds_per_step": per_step, "tasks": CASES[case][1]}))
 
 
-def _cell(case: str, ranks: int, threads: int, steps: int, warmup: int, device: str) -> float:
+def _cell(case: str, ranks: int, threads: int, steps: int, warmup: int, device: str, torchrun: bool) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     child = [str(Path(__file__).resolve()), "--child", case, "--threads", str(threads), "--steps", str(steps),
              "--warmup", str(warmup), "--device", device]
-    if ranks == 1:
+    if not torchrun:
         cmd = [sys.executable, *child]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *child]
@@ -85,23 +85,42 @@ def _cell(case: str, ranks: int, threads: int, steps: int, warmup: int, device: 
     return json.loads(lines[-1])["seconds_per_step"]
 
 
+def layouts_for(ranks: list[int], device: str) -> list[tuple[int, int, bool]]:
+    """(ranks, threads per rank, launched by torchrun). On the CPU: one process with 1 and 2 threads,
+    then each rank count > 1. On CUDA (one GPU per rank, threads do not matter): one plain process, then
+    each rank count under torchrun, 1 included (DDP's cost with nccl on one GPU)."""
+    if device.startswith("cuda"):
+        return [(1, 1, False)] + [(r, 1, True) for r in ranks]
+    return [(1, 1, False), (1, 2, False)] + [(r, 1, True) for r in ranks if r > 1]
+
+
+def _layout_name(r: int, th: int, torchrun: bool, device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{r} rank{'s' if r > 1 else ''} (torchrun, nccl)" if torchrun else "1 process, no DDP"
+    return f"{r} rank{'s' if r > 1 else ''} x {th} thread{'s' if th > 1 else ''}"
+
+
 def main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.child:
         _child(args.child, args.threads, args.steps, args.warmup, args.device)
         return 0
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
-    layouts = [(1, 1), (1, 2)] + [(r, 1) for r in args.ranks if r > 1]
-    head = ["network"] + [f"{r} rank{'s' if r > 1 else ''} x {th} thread{'s' if th > 1 else ''}"
-                          for r, th in layouts]
-    rows = ["| " + " | ".join(head) + " | speed-up of 2 ranks over 1 rank x 1 thread | over 1 rank x 2 threads |",
-            "|" + "---|" * (len(head) + 2)]
+    layouts = layouts_for(args.ranks, args.device)
+    head = ["network"] + [_layout_name(r, th, tr, args.device) for r, th, tr in layouts]
+    cuda = args.device.startswith("cuda")
+    extra = ["torchrun cells over 1 process"] if cuda else [
+        "speed-up of 2 ranks over 1 rank x 1 thread", "over 1 rank x 2 threads"]
+    rows = ["| " + " | ".join(head + extra) + " |", "|" + "---|" * (len(head) + len(extra))]
     for case in args.cases:
-        secs = [_cell(case, r, th, args.steps, args.warmup, args.device) for r, th in layouts]
+        secs = [_cell(case, r, th, args.steps, args.warmup, args.device, tr) for r, th, tr in layouts]
         tasks = CASES[case][1]
         cells = [f"{1e3 * s:.1f} ms ({tasks / s:,.0f} tasks/s)" for s in secs]
-        two = secs[layouts.index((2, 1))] if (2, 1) in layouts else None
-        sp = [f"{secs[0] / two:.2f}x", f"{secs[1] / two:.2f}x"] if two else ["-", "-"]
+        if cuda:
+            sp = [", ".join(f"{secs[0] / s:.2f}x" for s in secs[1:]) or "-"]
+        else:
+            two = secs[layouts.index((2, 1, True))] if (2, 1, True) in layouts else None
+            sp = [f"{secs[0] / two:.2f}x", f"{secs[1] / two:.2f}x"] if two else ["-", "-"]
         rows.append(f"| {CASES[case][0]} | " + " | ".join(cells + sp) + " |")
         print(rows[-1], flush=True)
     load1 = os.getloadavg()[0]
@@ -114,7 +133,8 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
         f"{time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
         f"device {args.device}; load average {load0:.2f} at start, {load1:.2f} at the end. Each cell is its own "
         f"process group; {args.steps} timed steps after {args.warmup} warm-up steps, read from the trainer's log. "
-        "Ranks use gloo on CPU and one thread each; the global meta-batch T is split evenly over the ranks.", "",
+        "Ranks use gloo and one thread each on the CPU, nccl and one GPU each on CUDA; the global meta-batch T "
+        "is split evenly over the ranks.", "",
         *rows, "", f"Total time: {time.perf_counter() - t0:.0f} s.", ""])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
@@ -127,7 +147,8 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=20, help="timed steps per cell")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: --steps)")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument("--ranks", type=int, nargs="+", default=[2], help="rank counts beyond 1 (default 2)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[2],
+                   help="rank counts under torchrun (default 2; on the CPU only counts > 1 are run)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="2 timed steps, MLP cases only")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS_ddp.md")

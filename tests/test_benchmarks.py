@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SHARED
+
+OMNIGLOT = SHARED / "data" / "omniglot"
 
 
 def _quick(tmp_path, script: str, *extra: str, timeout: int = 60) -> str:
@@ -76,3 +78,56 @@ def test_bench_ddp_quick_times_one_and_two_ranks(tmp_path):
     assert "python benchmarks/bench_ddp.py --quick --out" in text
     row = re.search(r"^\| MAML, sinusoid.*$", text, re.MULTILINE).group(0)
     assert row.count("tasks/s") == 3 and row.count("x |") == 2, row
+
+
+def test_bench_device_quick_times_every_quick_case_and_the_precision_runs(tmp_path):
+    text = _quick(tmp_path, "bench_device.py", "--accuracy", "2", "--data-root", str(OMNIGLOT), timeout=240)
+    assert "python benchmarks/bench_device.py --quick --accuracy 2 --data-root" in text
+    for case, source, unit in (("maml-sinusoid", "TaskStream", "tasks"), ("abml-sinusoid", "TaskStream", "tasks"),
+                               ("vae-omniglot", "ImageStream", "images")):
+        row = re.search(rf"^\| {case} \| [^|]+ \| ([0-9.]+) \| ([0-9,]+) {unit} \| {source} \|", text, re.MULTILINE)
+        assert row is not None and float(row.group(1)) > 0, f"no row for {case}:\n{text}"
+    assert "sinusoid, 5 shots, MLP 1-40-40-1, T=25" in text  # the protocol comes from the resolved config
+    for mode in ("fp32", "bf16"):  # the CPU's modes (tf32 is CUDA's)
+        assert re.search(rf"^\| {mode} \| [0-9.]+ \| [0-9.]+ ± [0-9.]+% \| [0-9.]+ \| [0-9.]+ \|$", text, re.MULTILINE), text
+
+
+def test_bench_device_names_what_issued_each_host_to_device_copy():
+    """The profiler-trace reading of bench_device, on a hand-made trace: copies are counted by direction
+    and each host-to-device copy is traced to the operator and the project frames around its launch."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_device
+    finally:
+        sys.path.pop(0)
+
+    def ev(cat, name, ts, dur, tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": tid, "args": args}
+
+    events = [
+        ev("python_function", "pyro_meta/train.py(400): _fit", 0, 100),
+        ev("python_function", "pyro_meta/models/abml.py(50): model", 10, 20),
+        ev("cpu_op", "aten::to", 12, 10),
+        ev("cpu_op", "aten::copy_", 13, 8),
+        ev("cuda_runtime", "cudaMemcpyAsync", 14, 2, correlation=7),
+        ev("gpu_memcpy", "Memcpy HtoD (Pageable -> Device)", 20, 1, tid=99, correlation=7, bytes=400),
+        ev("cpu_op", "aten::item", 50, 10),
+        ev("cuda_runtime", "cudaMemcpyAsync", 52, 2, correlation=8),
+        ev("gpu_memcpy", "Memcpy DtoH (Device -> Pageable)", 55, 1, tid=99, correlation=8, bytes=4),
+        ev("cuda_runtime", "cudaMemcpyAsync", 70, 2, tid=2, correlation=9),  # no frames on its thread
+        ev("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 75, 1, tid=99, correlation=9, bytes=100),
+    ]
+    got = bench_device._copies(events)
+    assert (got["htod"], got["htod_bytes"], got["dtoh"]) == (2, 500, 1)
+    assert got["htod_sources"] == {
+        "aten::copy_ < pyro_meta/models/abml.py(50): model < pyro_meta/train.py(400): _fit": 1, "(no frame)": 1}
+
+
+def test_bench_ddp_layouts_on_the_cpu_and_on_cuda():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_ddp
+    finally:
+        sys.path.pop(0)
+    assert bench_ddp.layouts_for([1, 2], "cpu") == [(1, 1, False), (1, 2, False), (2, 1, True)]
+    assert bench_ddp.layouts_for([1, 2], "cuda") == [(1, 1, False), (1, 1, True), (2, 1, True)]

@@ -10,6 +10,7 @@ from torch import Tensor
 from .batch import TaskBatch
 from .omniglot import ClassPool
 from .regression import ProtocolError
+from .stream import DeviceChunks, on_host
 
 
 def _check(pool: ClassPool, ways: int, shots: int, queries: int, **counts: int) -> None:
@@ -32,21 +33,32 @@ def _check(pool: ClassPool, ways: int, shots: int, queries: int, **counts: int) 
 def _sample(
     images: Tensor, num_tasks: int, ways: int, shots: int, queries: int, g: torch.Generator
 ) -> TaskBatch:
-    """``num_tasks`` episodes, vectorized over tasks.
+    """``num_tasks`` episodes, vectorized over tasks: the draws of :func:`_draw` gathered by
+    :func:`_gather`. The batch is on the pool's device."""
+    C, D = images.shape[:2]
+    return _gather(images, *_draw(num_tasks, C, D, ways, shots + queries, g), shots)
+
+
+def _draw(num_tasks: int, C: int, D: int, ways: int, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The classes ``[T, ways]`` and, per class, the drawings ``[T, ways, n]`` of ``num_tasks`` episodes
+    from a pool of ``C`` classes of ``D`` drawings, with the CPU generator ``g`` (reproducible everywhere).
 
     The ``ways`` largest of ``C`` iid uniform keys are a uniformly random set of distinct classes
     in a uniformly random order (that order assigns the labels); the same trick picks
-    ``shots + queries`` distinct drawings per class. float64 keys make ties (which would make
-    the choice depend on the sort implementation) practically impossible. The batch is on the
-    pool's device.
+    ``n`` = shots + queries distinct drawings per class. float64 keys make ties (which would make
+    the choice depend on the sort implementation) practically impossible.
     """
-    T, (C, D, S, _) = num_tasks, images.shape
-    n = shots + queries
-    classes = torch.rand(T, C, generator=g, dtype=torch.float64).topk(ways, dim=-1).indices
-    drawings = torch.rand(T, ways, D, generator=g, dtype=torch.float64).topk(n, dim=-1).indices
+    classes = torch.rand(num_tasks, C, generator=g, dtype=torch.float64).topk(ways, dim=-1).indices
+    drawings = torch.rand(num_tasks, ways, D, generator=g, dtype=torch.float64).topk(n, dim=-1).indices
+    return classes, drawings
+
+
+def _gather(images: Tensor, classes: Tensor, drawings: Tensor, shots: int) -> TaskBatch:
+    """The episodes that :func:`_draw` chose, gathered from the pool where it lives."""
+    (C, D, S, _), (T, ways, n) = images.shape, drawings.shape
+    queries = n - shots
     # One index_select per set on the flattened [C*D, S, S] pool: contiguous, class-major output
     # without the copies that advanced indexing plus slicing would make.
-    # The generator is CPU (reproducible everywhere); the pool may live on another device.
     classes = classes.to(images.device)
     flat_index = classes[:, :, None] * D + drawings.to(images.device)  # T ways n
     flat_pool = images.reshape(C * D, S, S)
@@ -100,17 +112,23 @@ class EpisodeSampler:
     def __iter__(self) -> EpisodeSampler:
         return self
 
-    def to(self, device: torch.device | str) -> EpisodeSampler:
-        """Keep the pool's images on ``device`` (moved once; uint8, 64 MB for the Vinyals train pool):
-        every meta-batch is then gathered there, and per step only the drawn indices (a few KB, from
-        the CPU generator, so the stream is the same on every device) cross from the host."""
+    def to(self, device: torch.device | str) -> EpisodeSampler | DeviceChunks:
+        """Keep the pool's images on ``device`` (moved once; uint8, 64 MB for the Vinyals train pool) and
+        gather every meta-batch there. The class and drawing indices still come from the CPU generator
+        (so the stream is the same on every device), drawn for many steps at once and copied in one
+        transfer per chunk (:class:`~pyro_meta.tasks.stream.DeviceChunks`), not every step."""
         self.pool = ClassPool(self.pool.images.to(device), self.pool.names)
-        return self
+        return self if on_host(device) else DeviceChunks(self, device)
+
+    def _draw_host(self) -> tuple[Tensor, Tensor]:
+        C, D = self.pool.images.shape[:2]
+        return _draw(self.meta_batch, C, D, self.ways, self.shots + self.queries, self.generator)
+
+    def _build(self, draws: tuple[Tensor, ...]) -> TaskBatch:
+        return _gather(self.pool.images, draws[0], draws[1], self.shots)
 
     def __next__(self) -> TaskBatch:
-        return _sample(
-            self.pool.images, self.meta_batch, self.ways, self.shots, self.queries, self.generator
-        )
+        return self._build(self._draw_host())
 
     def _protocol(self) -> dict[str, int]:
         return {

@@ -6,10 +6,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .batch import TaskBatch
 from .custom import TaskFamily, custom_family, is_import_path, registered_benchmarks
 from .regression import ProtocolError, RegressionFamily, Sinusoid, SinusoidBMAML, SinusoidLine
+from .stream import DeviceChunks, on_host
 
 
 class TaskStream:
@@ -33,6 +35,7 @@ class TaskStream:
         self.family, self.meta_batch, self.shots, self.queries = family, meta_batch, shots, queries
         self.generator = torch.Generator().manual_seed(seed)
         self.num_tasks, self.pool = num_tasks, None
+        self._info_keys: tuple[str, ...] = ()
         if num_tasks is not None:
             if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < meta_batch:
                 raise ProtocolError(f"a finite training set needs at least meta_batch = {meta_batch} tasks, got "
@@ -42,20 +45,33 @@ class TaskStream:
     def __iter__(self):
         return self
 
-    def to(self, device: torch.device | str) -> TaskStream:
-        """Keep a finite training set on ``device`` (moved once; each meta-batch is then selected there by
-        indices from the CPU generator). An endless stream draws every meta-batch with its CPU generator,
-        so the tasks are the same on every device, and ``fit`` moves it (a few KB per step for the
-        regression families)."""
+    def to(self, device: torch.device | str) -> TaskStream | DeviceChunks:
+        """Serve the stream on ``device``. A finite training set moves there once and each meta-batch is
+        selected there; an endless stream draws its tasks with its CPU generator as always. Either way
+        the host's draws (the tasks' points, or the selected indices) cross in chunks of many steps
+        (:class:`~pyro_meta.tasks.stream.DeviceChunks`), not every step, and the meta-batches are the
+        same on every device."""
         if self.pool is not None:
             self.pool = self.pool.to(device)
-        return self
+        return self if on_host(device) else DeviceChunks(self, device)
+
+    def _draw_host(self) -> tuple[Tensor, ...]:
+        if self.pool is not None:
+            return (torch.randperm(self.num_tasks, generator=self.generator)[: self.meta_batch],)
+        b = self.family.sample(self.meta_batch, self.shots, self.queries, self.generator)
+        self._info_keys = tuple(b.info)
+        return (b.x_support, b.y_support, b.x_query, b.y_query, *b.info.values())
+
+    def _build(self, draws: tuple[Tensor, ...]) -> TaskBatch:
+        if self.pool is not None:
+            return self.pool.select(draws[0])
+        # the family's sample checked these values on the host
+        return TaskBatch.trusted(*draws[:4], dict(zip(self._info_keys, draws[4:])))
 
     def __next__(self) -> TaskBatch:
         if self.pool is None:
             return self.family.sample(self.meta_batch, self.shots, self.queries, self.generator)
-        idx = torch.randperm(self.num_tasks, generator=self.generator)[: self.meta_batch]
-        return self.pool.select(idx)
+        return self._build(self._draw_host())
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
 
 from .batch import TaskBatch
 
@@ -45,6 +48,81 @@ class BatchCycle:
             raise ValueError(f"the checkpoint was written for a list of {state.get('num_batches')} meta-batches, "
                              f"this one has {len(self.batches)}")
         self.position = int(state["position"])
+
+
+class HostDrawn(Protocol):
+    """A seeded stream that :class:`DeviceChunks` can serve from a device: its ``__next__`` is
+    ``_build(_draw_host())``, where ``_draw_host`` makes one step's random draws on the host (a tuple of
+    small CPU tensors: the points of a regression meta-batch, the class and drawing indices of an
+    episode, a binarized minibatch) and ``_build`` turns those draws, wherever they are, into the batch;
+    ``state_dict`` returns a snapshot, not a live reference."""
+
+    def _draw_host(self) -> tuple[Tensor, ...]: ...
+
+    def _build(self, draws: tuple[Tensor, ...]) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class DeviceChunks:
+    """Serve a host-drawn stream (:class:`HostDrawn`) on ``device`` with one host-to-device copy per
+    chunk of steps instead of one or more per step.
+
+    The host makes the draws of up to ``max_chunk`` steps at once (each step drawn exactly as the stream
+    alone draws it, in the same order; fewer steps when one step's draws are large, at most ``max_bytes``
+    per chunk), stacks them and copies each stacked tensor once; each step then builds its batch from its
+    slice, on the device. The batches are therefore the ones the stream gives on the CPU, moved.
+
+    ``state_dict`` is the stream's own state at the next batch to be served (recorded before each step's
+    draw), so a checkpoint written here is the one a CPU run writes at that step, and ``load_state_dict``
+    restarts the stream there (the drawn-ahead chunk is dropped and drawn again).
+    """
+
+    def __init__(self, stream: HostDrawn, device: torch.device | str, max_chunk: int = 256,
+                 max_bytes: int = 16 << 20):
+        if not isinstance(max_chunk, int) or max_chunk < 1:
+            raise ValueError(f"max_chunk must be a positive integer, got {max_chunk!r}")
+        self.stream, self.device = stream, torch.device(device)
+        self.max_chunk, self.max_bytes = max_chunk, max_bytes
+        self._parts: tuple[Tensor, ...] = ()
+        self._states: list[dict[str, Any]] = []
+        self._next = 0
+        self.transfers = 0  # chunks copied so far (a benchmark reads it)
+
+    def __iter__(self) -> DeviceChunks:
+        return self
+
+    def to(self, device: torch.device | str) -> Any:  # noqa: ANN401 - the stream's own mover decides
+        return self if torch.device(device) == self.device else self.stream.to(device)
+
+    def _refill(self) -> None:
+        states, draws = [self.stream.state_dict()], [self.stream._draw_host()]
+        size = sum(t.numel() * t.element_size() for t in draws[0])
+        for _ in range(max(1, min(self.max_chunk, self.max_bytes // max(size, 1))) - 1):
+            states.append(self.stream.state_dict())
+            draws.append(self.stream._draw_host())
+        self._parts = tuple(torch.stack(column).to(self.device) for column in zip(*draws))
+        self._states, self._next = states, 0
+        self.transfers += 1
+
+    def __next__(self) -> Any:  # noqa: ANN401 - the stream's batch type
+        if self._next >= len(self._states):
+            self._refill()
+        i, self._next = self._next, self._next + 1
+        return self.stream._build(tuple(p[i] for p in self._parts))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._states[self._next] if self._next < len(self._states) else self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+        self._parts, self._states, self._next = (), [], 0
+
+
+def on_host(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cpu"
 
 
 def as_task_source(tasks: Iterable[TaskBatch] | TaskBatch) -> Iterator[TaskBatch]:

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ..checks import ModelCheckError
 from ..infer.elbo import LeanTrace_ELBO
 from ..infer.iwae import ImportanceWeightedELBO, bounds_from_log_weights
+from ..tasks.stream import DeviceChunks, on_host
 
 OBJECTIVES = ("elbo", "iwae")
 PIXELS_SITE, LATENT_SITE = "x", "z"
@@ -105,12 +106,25 @@ class ImageStream:
             self._perm = (epoch, torch.randperm(len(self.probs), generator=_seeded(self.seed, 1, epoch)))
         return self._perm[1]
 
-    def __next__(self) -> ImageBatch:
+    def to(self, device: Any) -> ImageStream | DeviceChunks:
+        """Serve the minibatches on ``device``: still binarized on the host with the seeded CPU generators
+        (the same batches on every device), copied many minibatches at a time
+        (:class:`~pyro_meta.tasks.stream.DeviceChunks`, at most 16 MB per copy), not every step."""
+        return self if on_host(device) else DeviceChunks(self, device)
+
+    def _draw_host(self) -> tuple[Tensor]:
         epoch, j = divmod(self.position, self.batches_per_epoch)
         idx = self._permutation(epoch)[j * self.batch_size:(j + 1) * self.batch_size]
         x = torch.bernoulli(self.probs[idx], generator=_seeded(self.seed, 2, self.position))
         self.position += 1
-        return ImageBatch(x)
+        return (x,)
+
+    @staticmethod
+    def _build(draws: tuple[Tensor, ...]) -> ImageBatch:
+        return ImageBatch(draws[0])
+
+    def __next__(self) -> ImageBatch:
+        return self._build(self._draw_host())
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "num_images": len(self.probs), "batch_size": self.batch_size,
