@@ -271,7 +271,7 @@ def markdown(rows: list[dict[str, Any]], acc: list[dict[str, Any]], args: argpar
         "before and after. Omniglot episodes are real (the Vinyals split's background pool).",
         "",
         "| case | what | ms/step | per s | source | " + (
-            "H2D copies/step | H2D bytes/step | D2H copies/step | chunk refills | peak MiB |" if cuda else ""),
+            "H2D copies/step | H2D bytes/step | D2H copies/step | stream chunk copies | peak MiB |" if cuda else ""),
         "| --- | --- | ---: | ---: | --- | " + ("---: | ---: | ---: | ---: | ---: |" if cuda else ""),
     ]
     for r in rows:
@@ -285,9 +285,14 @@ def markdown(rows: list[dict[str, Any]], acc: list[dict[str, Any]], args: argpar
                       str(r["chunk_refills"]), f"{r['peak_mib']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if cuda:
-        lines += ["", f"Copies are counted by PyTorch's profiler over {args.profile} further steps per case. What "
-                  "issued the host-to-device copies (operator < innermost project or Pyro frames: count over "
-                  "those steps):", ""]
+        lines += ["", f"Copies are counted by PyTorch's profiler over {args.profile} further steps per case (one "
+                  "`fit` call). Device-to-host: the trainer's non-finite guard reads the loss and gradient norm "
+                  "once per step (1 copy), and the call's last step logs both (2 more). Stream chunk copies: the "
+                  "task stream's chunked transfers (`DeviceChunks`) in those steps, drawn ahead for up to 256 "
+                  "steps. What issued the host-to-device copies (operator < innermost project or Pyro frames: "
+                  "count over those steps):", ""]
+        if not any(r.get("htod_sources") for r in rows):
+            lines.append("- none")
         for r in rows:
             for where, count in r.get("htod_sources", {}).items():
                 lines.append(f"- {r['case']}: {count} x `{where}`")

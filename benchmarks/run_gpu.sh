@@ -7,7 +7,8 @@
 #   OUT=/tmp/gpu DATA=/path/to/omniglot bash benchmarks/run_gpu.sh
 #
 # DATA is Omniglot's folder (the zips and the Vinyals split). BUDGET scales every limit (default 1).
-# DEVICE=cpu QUICK=--quick runs the same parts as smoke tests on a machine without a GPU.
+# DEVICE=cpu QUICK=--quick runs the same parts as smoke tests on a machine without a GPU. PARTS picks
+# parts by name (default: "device omniglot sinusoid cli ddp").
 set -u
 OUT=${OUT:?set OUT to a folder for the reports}
 DATA=${DATA:?set DATA to the Omniglot folder}
@@ -21,6 +22,8 @@ DATA=$(cd "$DATA" && pwd)
 cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$(cd .. && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 log="$OUT/log.txt"
+PARTS=" ${PARTS:-device omniglot sinusoid cli ddp} "
+want() { [[ "$PARTS" == *" $1 "* ]]; }
 
 part() {  # part SECONDS command...: run it under its limit, log it, go on whatever it returns
     local limit
@@ -33,14 +36,14 @@ part() {  # part SECONDS command...: run it under its limit, log it, go on whate
 
 part 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 part 20 "$PY" -c "import torch, pyro; print('torch', torch.__version__, 'pyro', pyro.__version__, torch.cuda.get_device_name())"
-part 200 "$PY" bench_device.py --device "$DEV" $Q --data-root "$DATA" --accuracy 500 --out "$OUT/RESULTS_device.md"
-part 100 "$PY" bench_omniglot.py --device "$DEV" $Q --repeats 5 --out "$OUT/RESULTS_omniglot_cuda.md"
-part 90 "$PY" bench_sinusoid.py --device "$DEV" $Q --tasks 1,25 --inner-steps 1,5 --loop-tasks 25 --repeats 5 \
-    --out "$OUT/RESULTS_cuda.md"
+want device && part 200 "$PY" bench_device.py --device "$DEV" $Q --data-root "$DATA" --accuracy 500 --out "$OUT/RESULTS_device.md"
+want omniglot && part 100 "$PY" bench_omniglot.py --device "$DEV" $Q --repeats 5 --out "$OUT/RESULTS_omniglot_cuda.md"
+want sinusoid && part 120 "$PY" bench_sinusoid.py --device "$DEV" $Q --tasks 1,25 --inner-steps 1,5 --loop-tasks 25 \
+    --repeats 5 --breakdown abml:1:1,maml:1:1 --out "$OUT/RESULTS_cuda.md"
 # a user's run end to end on the device: training with checkpoints, evaluation, export and plots
 CLI_STEPS=200; [ -n "$Q" ] && CLI_STEPS=3
-part 120 "$PY" -m pyro_meta train omniglot --method versa --ways 5 --shots 1 --steps "$CLI_STEPS" --test-tasks 200 \
+want cli && part 120 "$PY" -m pyro_meta train omniglot --method versa --ways 5 --shots 1 --steps "$CLI_STEPS" --test-tasks 200 \
     --device "$DEV" --precision "${CLI_PRECISION:-tf32}" --data-root "$DATA" --no-progress --out "$(mktemp -d)/versa"
-part 100 "$PY" bench_ddp.py --device "$DEV" $Q --ranks 1 --steps 10 --cases maml-mlp maml-conv4 versa-conv4 \
+want ddp && part 100 "$PY" bench_ddp.py --device "$DEV" $Q --ranks 1 --steps 10 --cases maml-mlp maml-conv4 versa-conv4 \
     --out "$OUT/RESULTS_ddp_cuda.md"
 echo "=== done $(date -u +%T)" | tee -a "$log"

@@ -169,10 +169,13 @@ def _fit_run(learner: MetaLearner, bm: Benchmark, cfg: RunConfig, out: Path, res
 
 
 def apply_precision(cfg: RunConfig) -> None:
-    """``tf32``: let CUDA matmuls and convolutions use TensorFloat-32 (``bf16`` lives in the network)."""
-    if cfg.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    """``tf32``: CUDA matmuls and cuDNN convolutions may use TensorFloat-32. Anything else (``fp32``, the
+    default, and ``bf16``, which lives in the network's autocast) turns both off: PyTorch's own default lets
+    cuDNN convolutions use TF32, so without this an "fp32" conv4 trunk on a GPU would not be float32 (on an
+    H100, MAML Omniglot's fp32 and tf32 runs gave the same numbers before this)."""
+    tf32 = cfg.precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _train_run(cfg: RunConfig, out: Path, resume: bool, progress: bool, stop_after: int | None, finalize_run: bool,

@@ -170,3 +170,18 @@ def test_fit_on_chunks_resumes_exactly_like_an_uninterrupted_run(tmp_path):
     resumed = run(tmp_path / "b", resume=True)
     for (name, p), q in zip(whole.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("precision, tf32", [(None, False), ("fp32", False), ("bf16", False), ("tf32", True)])
+def test_precision_sets_tensorfloat32_for_matmuls_and_convolutions_both_ways(precision, tf32):
+    """fp32 is float32 on a GPU too: PyTorch's default lets cuDNN convolutions use TF32, so fp32 turns it
+    off and only tf32 turns it (and TF32 matmuls) on."""
+    from pyro_meta.run import apply_precision
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = (not tf32), (not tf32)
+        apply_precision(RunConfig(precision=precision))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import assert_close
 from pyro import poutine
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_meta.config import RunConfig
 from pyro_meta.distributions import LogScaleNormal, PointMass, PrecisionNormal
-from pyro_meta.infer import LeanTrace_ELBO
+from pyro_meta.infer import LeanTrace_ELBO, LeanTraceMeanField_ELBO
 from pyro_meta.likelihoods import Gaussian, PointNormal
 from pyro_meta.methods import build_learner
 from pyro_meta.models.base import full_plate, tasks_plate
@@ -62,6 +62,58 @@ def test_built_in_methods_get_trace_elbos_loss_and_gradient(case):
     batch = Sinusoid().sample(3, 4, 4, torch.Generator().manual_seed(1)).to("cpu", torch.float64)
     with pyro.validation_enabled(False):  # the short path runs only with validation off
         _compare(lean, plain, learner, batch)
+
+
+ANALYTIC_CASES = {
+    "platipus": {"method": "platipus"},
+    "amortized": {"method": "amortized", "kl_estimator": "analytic"},
+    "amortized-4-samples": {"method": "amortized", "kl_estimator": "analytic", "train_samples": 4},
+}
+
+
+@pytest.mark.parametrize("case", sorted(ANALYTIC_CASES))
+def test_closed_form_kl_objectives_get_trace_mean_field_elbos_loss_and_gradient(case):
+    torch.set_default_dtype(torch.float64)
+    learner = build_learner(RunConfig(meta_batch=3, shots=4, **ANALYTIC_CASES[case])).double()
+    lean = learner.objective
+    assert isinstance(lean, LeanTraceMeanField_ELBO), type(lean)
+    plain = TraceMeanField_ELBO(num_particles=lean.num_particles, vectorize_particles=lean.vectorize_particles,
+                                max_plate_nesting=lean.max_plate_nesting)
+    batch = Sinusoid().sample(3, 4, 4, torch.Generator().manual_seed(1)).to("cpu", torch.float64)
+    with pyro.validation_enabled(False):
+        _compare(lean, plain, learner, batch)
+
+
+def _mean_field_model(data, *_):
+    with full_plate("mf_data", data.shape[0], -1):
+        loc = pyro.sample("loc", dist.Normal(torch.zeros(data.shape[0]), 1.0))  # Normal-Normal: closed form
+        with poutine.mask(mask=data > -1.0):
+            pyro.sample("x", dist.Normal(loc, 1.0), obs=data)
+    with poutine.scale(scale=0.5):
+        pyro.sample("heavy", dist.StudentT(3.0, torch.zeros(()), 1.0))  # no closed form against a Normal
+
+
+def _mean_field_guide(data, q_loc, q_scale):
+    with full_plate("mf_data", data.shape[0], -1):
+        pyro.sample("loc", dist.Normal(q_loc, q_scale))
+    with poutine.scale(scale=0.5):
+        pyro.sample("heavy", dist.Normal(q_loc.sum(), q_scale.sum()))
+    pyro.sample("aux", dist.Normal(q_loc.mean(), 1.0), infer={"is_auxiliary": True})  # a guide-only site
+
+
+def test_lean_mean_field_takes_the_closed_form_where_there_is_one_and_log_densities_elsewhere():
+    data = torch.tensor([0.3, -2.0, 1.1], dtype=torch.float64)
+    results = []
+    for objective in (LeanTraceMeanField_ELBO(), TraceMeanField_ELBO()):
+        q_loc = torch.tensor([0.1, 0.2, -0.3], dtype=torch.float64, requires_grad=True)
+        q_scale = torch.tensor([0.5, 0.7, 0.9], dtype=torch.float64, requires_grad=True)
+        pyro.set_rng_seed(0)
+        with pyro.validation_enabled(False):
+            loss = objective.differentiable_loss(_mean_field_model, _mean_field_guide, data, q_loc, q_scale)
+        loss.backward()
+        results.append((loss.detach(), q_loc.grad, q_scale.grad))
+    for a, b in zip(*results):
+        assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def _toy_model(data):

@@ -30,8 +30,17 @@ SCORE_CHOICES = ("query", "support+query", "support")
 
 def log_gamma_dist(concentration: float, rate: float, like: Tensor) -> dist.Distribution:
     """The law of ``log g`` for ``g ~ Gamma(concentration, rate)``, density ``Gamma(e^u) e^u``: a precision
-    carried in log space (BMAML's particles, the SVGD Bayesian network). ``like``: dtype and device."""
-    base = dist.Gamma(like.new_tensor(concentration), like.new_tensor(rate))
+    carried in log space (BMAML's particles, the SVGD Bayesian network). ``like``: dtype and device.
+
+    Built once per setting, dtype and device (its parameters are constants): a fresh one per step would copy
+    its two scalars from the host on a GPU."""
+    return _log_gamma_dist(float(concentration), float(rate), like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _log_gamma_dist(concentration: float, rate: float, dtype: torch.dtype, device: torch.device) -> dist.Distribution:
+    base = dist.Gamma(torch.tensor(concentration, dtype=dtype, device=device),
+                      torch.tensor(rate, dtype=dtype, device=device))
     return dist.TransformedDistribution(base, [ExpTransform().inv])
 
 
