@@ -35,13 +35,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributions import kl_divergence
 from pyro import poutine
 from pyro.distributions import Delta, ImproperUniform
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from torch.distributions import kl_divergence
 
 from ..distributions import PointMass
 
