@@ -137,6 +137,20 @@ def test_device_chunks_serve_the_host_stream_in_chunks_and_save_its_own_state(ki
         _equal(next(again), next(fresh))
 
 
+@pytest.mark.parametrize("kind", ["endless", "images"])  # their data stay on the host
+def test_device_chunks_moved_back_to_the_host_continue_at_the_next_batch(kind):
+    plain, source = _streams(kind)
+    chunked = source.to("meta")
+    chunked.max_chunk = 4
+    for _ in range(2):
+        next(chunked)  # drawn 4 ahead on the host, served 2
+        next(plain)
+    back = chunked.to("cpu")
+    assert back is source  # the stream itself, on the host
+    for _ in range(3):
+        _equal(next(back), next(plain))
+
+
 def _state_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
                                         for k in a)

@@ -95,7 +95,12 @@ class DeviceChunks:
         return self
 
     def to(self, device: torch.device | str) -> Any:  # noqa: ANN401 - the stream's own mover decides
-        return self if torch.device(device) == self.device else self.stream.to(device)
+        """Itself on its own device; elsewhere the stream's own mover, with the stream first put back at
+        the next batch to be served (the draws made ahead are dropped, not skipped)."""
+        if torch.device(device) == self.device:
+            return self
+        self.load_state_dict(self.state_dict())
+        return self.stream.to(device)
 
     def _refill(self) -> None:
         states, draws = [self.stream.state_dict()], [self.stream._draw_host()]
