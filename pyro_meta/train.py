@@ -31,7 +31,7 @@ from .rundir import (
 )
 from .schedule import lr_factor, normalize_schedule
 from .tasks import TaskBatch
-from .tasks.stream import as_task_source, is_resumable, place
+from .tasks.stream import DeviceChunks, as_task_source, is_resumable, place
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -528,6 +528,8 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
         bar.close()
         if log_file is not None:
             log_file.close()
+        if isinstance(tasks, DeviceChunks):  # the caller's stream continues at the next unserved batch
+            tasks.release()
     elapsed += time.perf_counter() - t0
     save()
     if ctx is not None:  # no rank leaves (and, say, resumes from the file) before rank 0's checkpoint is written

@@ -151,6 +151,17 @@ def test_device_chunks_moved_back_to_the_host_continue_at_the_next_batch(kind):
         _equal(next(back), next(plain))
 
 
+def test_fit_leaves_a_chunked_stream_at_the_next_unserved_batch():
+    """A second fit on the same stream continues where the first stopped, as on the CPU, although the
+    chunked source drew ahead."""
+    plain, source = _streams("endless")
+    chunked = DeviceChunks(source, "cpu", max_chunk=8)
+    fit(build_learner(RunConfig(method="maml", meta_batch=2, shots=3, inner_steps=1)), chunked, 3, progress=False)
+    for _ in range(3):
+        next(plain)
+    _equal(next(source), next(plain))
+
+
 def _state_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
                                         for k in a)

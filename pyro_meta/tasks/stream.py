@@ -99,8 +99,13 @@ class DeviceChunks:
         the next batch to be served (the draws made ahead are dropped, not skipped)."""
         if torch.device(device) == self.device:
             return self
-        self.load_state_dict(self.state_dict())
+        self.release()
         return self.stream.to(device)
+
+    def release(self) -> None:
+        """Put the stream back at the next batch to be served, dropping the draws made ahead: the stream
+        used on its own afterwards (another ``fit`` call, say) continues where this one stopped."""
+        self.load_state_dict(self.state_dict())
 
     def _refill(self) -> None:
         states, draws = [self.stream.state_dict()], [self.stream._draw_host()]
