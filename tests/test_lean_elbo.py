@@ -173,6 +173,33 @@ def test_a_guide_without_rsample_falls_back_to_trace_elbos_surrogate():
     assert float(out[0][1]) != 0.0  # the score-function gradient reached p
 
 
+def test_independent_sites_with_and_without_a_mask_match_trace_elbo():
+    """An Independent site is summed through its base law when nothing is masked, and through its own
+    log_prob under a tensor mask (which drops whole events)."""
+    torch.set_default_dtype(torch.float64)
+    loc = torch.tensor([0.2, -0.4, 0.9], requires_grad=True)
+    data = torch.tensor([[0.1, 0.5, -1.0], [2.0, -0.3, 0.4]])
+
+    def model():
+        w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with full_plate("rows", 2, -1), poutine.mask(mask=torch.tensor([True, False])):
+            pyro.sample("y", dist.Normal(w, 0.5).to_event(1), obs=data)
+        with full_plate("rows_all", 2, -1):
+            pyro.sample("y_all", dist.Laplace(w, 0.5).to_event(1), obs=data)
+
+    def guide():
+        pyro.sample("w", dist.Normal(loc, 0.3).to_event(1))
+
+    out = []
+    for cls in (LeanTrace_ELBO, Trace_ELBO):
+        pyro.set_rng_seed(2)
+        with pyro.validation_enabled(False):
+            loss = cls().differentiable_loss(model, guide)
+        out.append((loss.detach(), *torch.autograd.grad(loss, (loc,))))
+    for a, b in zip(*out):
+        assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_with_validation_on_it_is_trace_elbo(monkeypatch):
     calls = []
     original = Trace_ELBO.differentiable_loss

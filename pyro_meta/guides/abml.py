@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..distributions import LogScaleNormal, PointMass
 from ..infer import sgd_adapt
-from ..models.base import TASK_DIM, WeightSpaceModel, conditioning_set, tasks_plate
+from ..models.base import TASK_DIM, WeightSpaceModel, conditioning_set, scaled, tasks_plate
 from ..tasks import TaskBatch
 
 LOG_STD_MIN, LOG_STD_MAX = -15.0, 5.0
@@ -143,7 +143,7 @@ class ABMLGuide(nn.Module):
         pyro.sample("prior_loc", PointMass(self.loc, event_dim=1))
         pyro.sample("prior_precision", PointMass(precision, event_dim=1))
         mu, log_std = self.fit_q(*self.conditioning_set(batch), precision)
-        with tasks_plate(batch.num_tasks), pyro.poutine.scale(scale=self.model.kl_weight):
+        with tasks_plate(batch.num_tasks), scaled(self.model.kl_weight):
             q = LogScaleNormal(mu, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX))  # N(mu, exp(s)^2)
             return pyro.sample("phi", q.to_event(1))
 

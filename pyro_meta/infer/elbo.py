@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 from pyro import poutine
-from pyro.distributions import Delta, ImproperUniform
+from pyro.distributions import Delta, ImproperUniform, Independent
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
@@ -59,6 +59,11 @@ def _site_term(site: dict) -> tuple[float | None, torch.Tensor | None]:
         return None, None  # a flat density, a masked-out site, or a point mass at its own point: 0
     if isinstance(fn, Delta) and not site["is_observed"] and not site["args"] and not site["kwargs"]:
         log_p = fn.log_density  # the value is the support point: log q = log_density exactly
+    elif (mask is None or mask is True) and not site["args"] and not site["kwargs"]:
+        # the term is a sum over every dimension, so an Independent's own sum over its event dims is skipped
+        while isinstance(fn, Independent):
+            fn = fn.base_dist
+        log_p = fn.log_prob(site["value"])
     else:
         log_p = fn.log_prob(site["value"], *site["args"], **site["kwargs"])
     if isinstance(scale, torch.Tensor):

@@ -20,13 +20,12 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 
 from ..distributions import PrecisionNormal
 from ..likelihoods import Likelihood
 from ..nn import FunctionalNet
 from ..tasks import TaskBatch
-from .base import WeightSpaceModel
+from .base import WeightSpaceModel, scaled
 
 HYPER_LOC_STD = 1.0
 GAMMA_CONCENTRATION = 1.0
@@ -66,7 +65,7 @@ class ABMLModel(WeightSpaceModel):
 
     def phi_prior(self, batch: TaskBatch) -> dist.Distribution:
         loc_prior, prec_prior = self.hyperprior(batch.x_support)
-        with poutine.scale(scale=self.hyperprior_weight):
+        with scaled(self.hyperprior_weight):
             loc = pyro.sample("prior_loc", loc_prior)  # [..., D]
             precision = pyro.sample("prior_precision", prec_prior)  # [..., D]
         # batch shape [] (or [S, 1, 1] under an outer samples plate) broadcasts over the tasks plate

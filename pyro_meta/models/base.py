@@ -11,6 +11,8 @@ the ArviZ export can add a samples dimension on the left):
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -59,6 +61,17 @@ def tasks_plate(num_tasks: int) -> pyro.plate:
     return full_plate("tasks", num_tasks, TASK_DIM)
 
 
+def scaled(scale: float | Tensor) -> Any:  # noqa: ANN401 - a context manager
+    """``poutine.scale(scale)``, or no messenger for a scale of 1: the same trace (a site's scale is 1
+    by default), one handler fewer for every site inside."""
+    return nullcontext() if isinstance(scale, (int, float)) and scale == 1 else poutine.scale(scale=scale)
+
+
+def masked(mask: bool | Tensor) -> Any:  # noqa: ANN401 - a context manager
+    """``poutine.mask(mask)``, or no messenger for ``mask=True`` (which masks nothing)."""
+    return nullcontext() if mask is True else poutine.mask(mask=mask)
+
+
 def conditioning_set(batch: TaskBatch, with_query: bool) -> tuple[Tensor, Tensor]:
     """``(x, y)`` a guide conditions on: the support set, or with ``with_query`` (a training-time guide
     of a joint objective, when the labels are there) support and query together, ``[T, S (+ Q), ...]``."""
@@ -74,7 +87,7 @@ def observe(name: str, likelihood: Likelihood, f: Tensor, y: Tensor | None, mean
     :param mean: average over the ``N`` points instead of summing (MAML's mean-squared-error loss).
     """
     n = f.shape[-2]
-    with full_plate(f"{name}_points", n, POINT_DIM), poutine.scale(scale=1.0 / n if mean else 1.0):
+    with full_plate(f"{name}_points", n, POINT_DIM), scaled(1.0 / n if mean else 1.0):
         return pyro.sample(name, likelihood(f), obs=y)
 
 
@@ -123,7 +136,7 @@ class WeightSpaceModel(nn.Module):
     def forward(self, batch: TaskBatch) -> Tensor:
         prior = self.phi_prior(batch)
         with tasks_plate(batch.num_tasks):
-            with poutine.scale(scale=self.kl_weight):
+            with scaled(self.kl_weight):
                 phi = pyro.sample("phi", prior)  # [..., T, 1, D_phi]
             w = self.weights(phi.squeeze(TASK_DIM))  # ..., T, D
             if self.score != "query" and getattr(self.net, "batch_norm", "none") == "none":
@@ -139,6 +152,6 @@ class WeightSpaceModel(nn.Module):
                 f_query = self.net(w, batch.x_query)
             else:
                 f_query = self.net(w, batch.x_query)
-            with poutine.mask(mask=self.score != "support"):
+            with masked(self.score != "support"):
                 observe("y_query", self.likelihood, f_query, batch.y_query, self.mean_over_points)
         return phi
