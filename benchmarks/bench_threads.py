@@ -27,22 +27,14 @@ CASES = {
 
 
 def synthetic_episodes(cfg, count: int, seed: int = 0) -> list:  # noqa: ANN001 - a resolved RunConfig
-    """``count`` 5-way 1-shot meta-batches of uniform-noise 28x28 images in ``cfg``'s shape (``meta_batch``
-    tasks, ``queries`` per class): speed does not depend on the pixels."""
+    """``count`` meta-batches of uniform-noise images in ``cfg``'s shape (``meta_batch`` tasks, ``ways``,
+    ``shots``, ``queries`` per class), from the Omniglot benchmark's maker: speed does not depend on the
+    pixels."""
     import torch
+    from bench_omniglot import synthetic_batch
 
-    from pyro_meta import TaskBatch
-
-    t, q = cfg.meta_batch, cfg.queries
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        xs = torch.rand(t, 5, 1, 28, 28, generator=g)
-        xq = torch.rand(t, 5 * q, 1, 28, 28, generator=g)
-        ys = torch.arange(5).expand(t, 5).contiguous()
-        yq = torch.arange(5).repeat_interleave(q).expand(t, 5 * q).contiguous()
-        out.append(TaskBatch(xs, ys, xq, yq, {"classes": torch.zeros(t, 5)}))
-    return out
+    return [synthetic_batch(cfg.meta_batch, cfg.ways, cfg.shots, cfg.queries, g) for _ in range(count)]
 
 
 def _child(case: str, threads: int, steps: int) -> float:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributions import HALF_LOG_2PI
+
 
 def _inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
@@ -36,10 +38,7 @@ def _gaussian_nll(f: Tensor, y: Tensor, sigma: Tensor | float, sign: float = 1.0
     d = y - f
     sq = (d * d).sum(-1)
     log_sigma = torch.log(sigma) if isinstance(sigma, Tensor) else math.log(sigma)
-    return sq * (sign * 0.5 / (sigma * sigma)) + sign * f.shape[-1] * (log_sigma + _HALF_LOG_2PI)
-
-
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+    return sq * (sign * 0.5 / (sigma * sigma)) + sign * f.shape[-1] * (log_sigma + HALF_LOG_2PI)
 
 
 class PointNormal(dist.Normal):

@@ -312,7 +312,7 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
     writer = ctx is None or ctx.is_main  # rank 0 alone writes files and shows progress
     dev = resolve_device(distributed.rank_device(device, ctx))
     learner.to(dev)
-    tasks = place(tasks, dev)  # a source that can keeps its data on the device (no per-step image copies)
+    tasks = place(tasks, dev)  # a source that can keep its data on the device (no per-step image copies)
     params = [p for p in learner.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the learner has no trainable parameters")

@@ -175,7 +175,7 @@ def test_a_guide_without_rsample_falls_back_to_trace_elbos_surrogate():
 
 def test_independent_sites_with_and_without_a_mask_match_trace_elbo():
     """An Independent site is summed through its base law when nothing is masked, and through its own
-    log_prob under a tensor mask (which drops whole events)."""
+    log_prob under a tensor mask (which drops whole events) or a tensor scale (which weights them)."""
     torch.set_default_dtype(torch.float64)
     loc = torch.tensor([0.2, -0.4, 0.9], requires_grad=True)
     data = torch.tensor([[0.1, 0.5, -1.0], [2.0, -0.3, 0.4]])
@@ -186,6 +186,8 @@ def test_independent_sites_with_and_without_a_mask_match_trace_elbo():
             pyro.sample("y", dist.Normal(w, 0.5).to_event(1), obs=data)
         with full_plate("rows_all", 2, -1):
             pyro.sample("y_all", dist.Laplace(w, 0.5).to_event(1), obs=data)
+        with full_plate("rows_scaled", 2, -1), poutine.scale(scale=torch.tensor([0.5, 2.0])):
+            pyro.sample("y_scaled", dist.Normal(w, 0.7).to_event(1), obs=data)  # a tensor scale per row
 
     def guide():
         pyro.sample("w", dist.Normal(loc, 0.3).to_event(1))

@@ -59,8 +59,10 @@ def _site_term(site: dict) -> tuple[float | None, torch.Tensor | None]:
         return None, None  # a flat density, a masked-out site, or a point mass at its own point: 0
     if isinstance(fn, Delta) and not site["is_observed"] and not site["args"] and not site["kwargs"]:
         log_p = fn.log_density  # the value is the support point: log q = log_density exactly
-    elif (mask is None or mask is True) and not site["args"] and not site["kwargs"]:
+    elif (mask is None or mask is True) and not isinstance(scale, torch.Tensor) and not site["args"] \
+            and not site["kwargs"]:
         # the term is a sum over every dimension, so an Independent's own sum over its event dims is skipped
+        # (not under a tensor scale, which broadcasts against the batch dims alone)
         while isinstance(fn, Independent):
             fn = fn.base_dist
         log_p = fn.log_prob(site["value"])
