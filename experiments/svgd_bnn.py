@@ -47,7 +47,7 @@ import torch
 from pyro.infer import SVGD
 from pyro.optim import RMSprop
 
-from pyro_meta.infer.svgd import ScalarRBFKernel, pyro_global_params
+from pyro_meta.infer.svgd import ScalarRBFKernel
 from pyro_meta.models.bnn import BNNRegression, predictive_scores
 
 # Liu & Wang (2016), Table 2, Boston housing, via ../shared/ANCHORS.md ([R]: secondary source).
@@ -102,15 +102,14 @@ def fit_svgd(model: BNNRegression, x: torch.Tensor, y: torch.Tensor, args: argpa
     """``args.particles`` networks ``[M, P]`` after ``args.iters`` SVGD steps on standardized ``x, y``."""
     m = args.particles
     pyro.clear_param_store()
-    with pyro_global_params():
-        lambda_rate = model.prior_rate if args.lambda_init == "prior" else None
-        pyro.param("svgd_particles", model.init_particles(m, x, y, lambda_rate).reshape(-1))
-        optim = RMSprop({"lr": args.lr, "alpha": 0.9, "eps": 1e-6})
-        svgd = SVGD(model, ScalarRBFKernel(), optim, m, max_plate_nesting=1, mode="multivariate")
-        batch = min(args.batch, x.shape[0])
-        for _ in range(args.iters):
-            svgd.step(x, y, subsample_size=batch)
-        theta = pyro.param("svgd_particles").detach().reshape(m, model.num_params)
+    lambda_rate = model.prior_rate if args.lambda_init == "prior" else None
+    pyro.param("svgd_particles", model.init_particles(m, x, y, lambda_rate).reshape(-1))
+    optim = RMSprop({"lr": args.lr, "alpha": 0.9, "eps": 1e-6})
+    svgd = SVGD(model, ScalarRBFKernel(), optim, m, max_plate_nesting=1, mode="multivariate")
+    batch = min(args.batch, x.shape[0])
+    for _ in range(args.iters):
+        svgd.step(x, y, subsample_size=batch)
+    theta = pyro.param("svgd_particles").detach().reshape(m, model.num_params)
     if not torch.isfinite(theta).all():
         raise FloatingPointError("SVGD particles went non-finite")
     return theta

@@ -38,7 +38,7 @@ import torch
 from pyro.infer import SVGD, RBFSteinKernel
 from pyro.optim import Adam
 
-from pyro_meta.infer.svgd import ScalarRBFKernel, pyro_global_params, svgd_direction
+from pyro_meta.infer.svgd import ScalarRBFKernel, svgd_direction
 
 LR = 0.05
 
@@ -90,13 +90,12 @@ def run_pyro(kernel, init: torch.Tensor, stds: torch.Tensor, steps: int) -> dict
 
     pyro.clear_param_store()
     track = Tracker(stds)
-    with pyro_global_params():
-        pyro.param("svgd_particles", init.reshape(-1).clone())  # the guide's init_to_sample would draw from the target
-        svgd = SVGD(model, kernel, Adam({"lr": LR}), n, 0, mode="multivariate")
-        for step in range(1, steps + 1):
-            svgd.step()
-            if not track(step, pyro.param("svgd_particles").detach().reshape(n, d)):
-                break
+    pyro.param("svgd_particles", init.reshape(-1).clone())  # the guide's init_to_sample would draw from the target
+    svgd = SVGD(model, kernel, Adam({"lr": LR}), n, 0, mode="multivariate")
+    for step in range(1, steps + 1):
+        svgd.step()
+        if not track(step, pyro.param("svgd_particles").detach().reshape(n, d)):
+            break
     return track.result()
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import arviz as az
 import numpy as np
 import torch
 
+from ._arviz import az
 from .evaluate import QUERY_SITE, SUPPORT_SITE, Prediction, _points, predict
 from .learner import MetaLearner
 from .tasks import TaskBatch

@@ -78,7 +78,7 @@ def check_learner(learner: MetaLearner, batch: TaskBatch) -> dict[str, float]:
     :class:`ModelCheckError` naming the first problem found. Returns the check's cost in ms."""
     t0 = time.perf_counter()
     T = batch.num_tasks
-    with pyro.validation_enabled(True), torch.no_grad(), warnings.catch_warnings():
+    with pyro.validation_enabled(True), torch.no_grad(), warnings.catch_warnings(), learner.pyro_context():
         warnings.filterwarnings("ignore", category=UserWarning, module="pyro")  # Pyro's own: ours follow
         guide_tr = _run(learner.guide, batch, "guide")
         try:

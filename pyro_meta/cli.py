@@ -163,7 +163,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train on N processes with DistributedDataParallel on this machine (gloo on CPU, nccl on "
                         "GPUs, one GPU per process); the same as `torchrun --standalone --nproc_per_node N -m "
-                        "pyro_meta train ...`. The meta-batch must be a multiple of N")
+                        "pyro_meta train ...`. Any meta-batch of at least N tasks: 25 on 2 ranks are shards of 13 and 12, "
+                        "each weighted by its share")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,8 +248,19 @@ def _train(cfg: RunConfig, out: Path, **kw: Any):  # noqa: ANN202 - train_run's 
         raise
 
 
+RANK_ERRORS = "PYRO_META_RANK_ERRORS"  # set by --nproc: a folder where each rank leaves its one-line error
+
+
 def _launch(args: argparse.Namespace) -> int:
-    """``--nproc N``: start N ranks of this same command under torchrun (``torch.distributed.run``)."""
+    """``--nproc N``: start N ranks of this same command under torchrun (``torch.distributed.run``).
+
+    A rank's expected error goes to a file, not to stderr; when ranks fail, the launcher prints one line
+    (the lowest failing rank's message, and how many ranks said the same), not one per rank and not
+    torch elastic's failure block, whose loggers are turned down for the launch."""
+    import logging
+    import os
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -264,18 +276,65 @@ def _launch(args: argparse.Namespace) -> int:
                                              "pyro_meta", *argv])
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    try:
-        run(launcher)
-    except ChildFailedError as e:
-        print(f"pyro-meta train: error: a rank failed: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
-    except SignalException as e:  # Ctrl-C or SIGTERM: the ranks stopped together at a step boundary
-        where = args.resume or args.out
-        again = (f"continue with `pyro-meta train --resume {where} --nproc {args.nproc}`" if where is not None
-                 else "continue with `pyro-meta train --resume <run directory>`")
-        print(f"interrupted; rank 0 wrote a checkpoint at the last step boundary: {again}", file=sys.stderr)
-        return 128 + int(e.sigval)
+    # one torch thread per rank (what torchrun sets, here without its banner); the user's value wins
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    quiet = [lg for name, lg in logging.root.manager.loggerDict.items()
+             if name.startswith("torch.distributed") and isinstance(lg, logging.Logger)]
+    levels = [lg.level for lg in quiet]
+    with tempfile.TemporaryDirectory(prefix="pyro-meta-ranks-") as errors:
+        os.environ[RANK_ERRORS] = errors
+        try:
+            for lg in quiet:
+                lg.setLevel(logging.CRITICAL)
+            run(launcher)
+        except ChildFailedError as e:
+            print(f"pyro-meta {args.command}: error: {_rank_failure(e, Path(errors))}", file=sys.stderr)
+            return 1
+        except SignalException as e:  # Ctrl-C or SIGTERM: the ranks stopped together at a step boundary
+            where = args.resume or args.out
+            again = (f"continue with `pyro-meta train --resume {where} --nproc {args.nproc}`" if where is not None
+                     else "continue with `pyro-meta train --resume <run directory>`")
+            print(f"interrupted; rank 0 wrote a checkpoint at the last step boundary: {again}", file=sys.stderr)
+            return 128 + int(e.sigval)
+        finally:
+            os.environ.pop(RANK_ERRORS, None)
+            for lg, level in zip(quiet, levels):
+                lg.setLevel(level)
     return 0
+
+
+def _rank_failure(e: Any, errors: Path) -> str:
+    """One line for a failed ``--nproc`` launch: the lowest rank's own message (from ``errors``), or, for a
+    rank that died without one, its exit code."""
+    said = {}
+    for f in errors.glob("rank*.txt"):
+        try:
+            said[int(f.stem[4:])] = f.read_text().strip()
+        except (ValueError, OSError):
+            continue
+    if said:
+        rank = min(said)
+        same = sorted(r for r, m in said.items() if m == said[rank])
+        return f"{said[rank]} (rank{'s' if len(same) > 1 else ''} {', '.join(map(str, same))})"
+    rank, failure = min(e.failures.items())
+    code = failure.exitcode
+    how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+    return f"rank {rank} {how} without a message; its traceback, if any, is above"
+
+
+def report_error(command: str, message: str) -> None:
+    """The CLI's one line for an expected error: on stderr, or, in a rank that ``--nproc`` started, into the
+    launcher's folder (the launcher prints one line for all ranks)."""
+    import os
+
+    folder = os.environ.get(RANK_ERRORS)
+    if folder and os.environ.get("RANK") is not None:
+        try:
+            (Path(folder) / f"rank{int(os.environ['RANK'])}.txt").write_text(message)
+            return
+        except (OSError, ValueError):
+            pass  # fall back to stderr
+    print(f"pyro-meta {command}: error: {message}", file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -438,10 +497,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (ConfigError, CheckpointError, ProtocolError, TaskBatchError, NonFiniteError, FloatingPointError,
             ValueError, LeakError, TaskSourceExhausted, RunLockedError) as e:
-        print(f"pyro-meta {args.command}: error: {e}", file=sys.stderr)
+        report_error(args.command, str(e))
         return 2
     except OSError as e:
-        print(f"pyro-meta {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        report_error(args.command, describe_os_error(e))
         return 2
     except KeyboardInterrupt as e:
         what = "terminated" if isinstance(e, Terminated) else "interrupted"

@@ -2,18 +2,20 @@
 
 Launch with torchrun (one process per GPU, or per CPU core group with ``gloo``)::
 
-    torchrun --nproc_per_node 2 -m pyro_meta train sinusoid --method maml --meta-batch 24 --out runs/ddp
+    torchrun --nproc_per_node 2 -m pyro_meta train sinusoid --method maml --out runs/ddp
     pyro-meta train sinusoid --method maml --nproc 2 --out runs/ddp        # the same, launched for you
 
 The protocol, as :func:`pyro_meta.train.fit` runs it when a process group is up:
 
 - **Data.** Every rank builds the same seeded task stream and draws the same *global* meta-batch of
-  ``T`` tasks, cut into ``S`` equal shards (``micro_batches``, default ``S = N``: one per rank;
-  :func:`split`); rank ``r`` of ``N`` computes shards ``[r S/N, (r+1) S/N)``, accumulating their gradients.
-  ``T`` must be a multiple of ``S`` and ``S`` of ``N``.
-- **Gradients.** The learner is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`: each
-  shard's loss is the mean over its tasks divided by the shards per rank, and DDP averages over the
-  ranks, so the update is the one of the mean over all ``T`` tasks, as in one process.
+  ``T`` tasks, cut into ``S`` contiguous shards as equal as they can be (``micro_batches``, default
+  ``S = N``: one per rank; :func:`split`: 25 tasks on 2 ranks are shards of 13 and 12); rank ``r`` of
+  ``N`` computes shards ``[r S/N, (r+1) S/N)``, accumulating their gradients. ``S`` must be a multiple
+  of ``N`` and at most ``T``.
+- **Gradients.** The learner is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`: shard
+  ``j``'s loss is the mean over its ``n_j`` tasks times ``N n_j / T`` (:func:`shard_weights`), and DDP
+  averages over the ranks, so the update is the one of the mean over all ``T`` tasks, as in one
+  process, whether or not ``T`` divides evenly.
 - **Noise.** Shard ``j`` of step ``s`` draws its Monte Carlo noise from a torch RNG seeded by
   ``(noise seed, s, j)`` (:func:`shard_seed`), whatever rank computes it. So ``N`` ranks give the same
   parameters as one process with ``micro_batches = S`` (the same global meta-batch, accumulated in
@@ -99,13 +101,29 @@ def rank_device(device: str, ctx: Context | None) -> str:
 
 def split(batch: Any, parts: int) -> list[Any]:
     """A global meta-batch (a :class:`~pyro_meta.tasks.TaskBatch`, or anything with ``select`` and
-    ``size`` like the VAE's image batches) in ``parts`` contiguous, equal shards."""
-    total = _size(batch)
-    if total % parts:
-        raise ValueError(f"the global meta-batch of {total} must split evenly into {parts} shards (the ranks times "
-                         f"their micro-batches); choose a meta-batch that is a multiple of {parts}")
-    per = total // parts
-    return [batch.select(slice(j * per, (j + 1) * per)) for j in range(parts)]
+    ``size`` like the VAE's image batches) in ``parts`` contiguous shards as equal as they can be: the
+    first ``total % parts`` shards hold one task more (25 in 2: 13 and 12). Weight shard ``j``'s mean loss
+    by :func:`shard_weights` to get the mean over the whole meta-batch."""
+    total = batch_size(batch)
+    if total < parts:
+        raise ValueError(f"a meta-batch of {total} cannot be cut into {parts} shards (the ranks times their "
+                         f"micro-batches): use a meta-batch of at least {parts}, or fewer processes")
+    bounds = shard_bounds(total, parts)
+    return [batch.select(slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def shard_bounds(total: int, parts: int) -> list[int]:
+    """Where :func:`split` cuts ``total`` tasks into ``parts`` shards: ``parts + 1`` offsets."""
+    per, extra = divmod(total, parts)
+    return [j * per + min(j, extra) for j in range(parts + 1)]
+
+
+def shard_weights(total: int, parts: int, world: int) -> list[float]:
+    """The factor on shard ``j``'s mean loss so that the ranks' accumulated gradients, averaged over the
+    ``world`` ranks by DDP, are the gradient of the mean loss over all ``total`` tasks:
+    ``world * n_j / total`` (``world / parts`` when the shards are equal)."""
+    b = shard_bounds(total, parts)
+    return [world * (b[j + 1] - b[j]) / total for j in range(parts)]
 
 
 def shard_seed(noise_seed: int, step: int, shard: int) -> int:
@@ -114,7 +132,8 @@ def shard_seed(noise_seed: int, step: int, shard: int) -> int:
     return (int(noise_seed) * 1_000_003 + int(step) * 10_007 + int(shard)) % (2**63 - 1)
 
 
-def _size(batch: Any) -> int:
+def batch_size(batch: Any) -> int:
+    """Tasks in a meta-batch (``num_tasks``), or ``size`` for a batch that is not one of tasks (images)."""
     n = getattr(batch, "num_tasks", None)
     return n if n is not None else batch.size
 

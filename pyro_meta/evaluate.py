@@ -94,6 +94,11 @@ def run_blind(learner: MetaLearner, batch: TaskBatch):
     the learner runs here can read ``batch.y_query``."""
     blind = batch.without_query_labels()
     guide = learner.predictive_guide
+    with learner.pyro_context():
+        return _run_blind(learner, guide, blind)
+
+
+def _run_blind(learner: MetaLearner, guide, blind: TaskBatch):
     try:
         guide_tr = poutine.trace(guide).get_trace(blind)
     except Exception as e:  # noqa: BLE001 - re-raised with what went wrong and how to fix it

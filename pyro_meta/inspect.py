@@ -19,9 +19,9 @@ import sys
 import warnings
 from pathlib import Path
 
-import arviz as az
 import torch
 
+from ._arviz import az
 from .arviz import HELDOUT_GROUP
 from .metrics import heldout_lpd
 from .plots import plot_posterior_weights, plot_ppc

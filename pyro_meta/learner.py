@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import pyro
 from pyro import poutine
+from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 from .infer import LeanTrace_ELBO
 from .tasks import TaskBatch
 
-# Parameters declared with pyro.param / PyroParam inside a PyroModule belong to that module (so a
-# plain torch optimizer, DDP and state_dict() see them), not to Pyro's global param store.
-pyro.settings.set(module_local_params=True)
+
+def local_params() -> AbstractContextManager:
+    """Pyro's ``module_local_params=True`` for the duration of a ``with`` block: parameters declared with
+    ``PyroParam`` (or ``pyro.param`` inside a ``PyroModule``) belong to that module, so a plain torch
+    optimizer, DDP and ``state_dict()`` see them, not Pyro's global param store.
+
+    The library never sets it globally (importing :mod:`pyro_meta` leaves ``pyro.settings`` as it was); a
+    :class:`MetaLearner` holding a ``PyroModule`` enters it around its own calls.
+    """
+    return pyro.settings.context(module_local_params=True)
+
+
+def _localize(module: nn.Module) -> bool:
+    """Give every ``PyroModule`` in ``module`` the local parameter state that Pyro only creates when the
+    module is built under ``module_local_params=True``, so it can run inside :func:`local_params`
+    whichever way the setting stood when the user built it. True if there is any ``PyroModule``."""
+    found = False
+    for m in module.modules():
+        if isinstance(m, PyroModule):
+            found = True
+            ctx = m._pyro_context
+            if not hasattr(ctx, "param_state"):  # built with the setting off (Pyro's default)
+                ctx.param_state = {"params": {}, "constraints": {}}
+    return found
 
 
 class Objective(Protocol):
@@ -56,6 +79,13 @@ class MetaLearner(nn.Module):
         self.objective = objective if objective is not None else LeanTrace_ELBO()
         self.name = name
         self.protocol = dict(protocol or {})
+        # PyroModules run with module-local params, entered around each call (never set globally)
+        self._pyro_modules = _localize(self)
+
+    def pyro_context(self) -> AbstractContextManager:
+        """The context every run of this learner's model and guide goes in: :func:`local_params` when
+        they hold a ``PyroModule``, else nothing (the built-in methods are plain ``nn.Module`` s)."""
+        return local_params() if self._pyro_modules else nullcontext()
 
     def loss(self, batch: TaskBatch) -> Tensor:
         """Mean over tasks of the negative objective (``-ELBO`` per task for an ELBO)."""
@@ -63,7 +93,7 @@ class MetaLearner(nn.Module):
             raise TypeError(f"expected a TaskBatch, got {type(batch).__name__}")
         if batch.y_query is None:
             raise ValueError("training needs query labels; this TaskBatch has y_query=None")
-        with poutine.scale(scale=1.0 / batch.num_tasks):
+        with self.pyro_context(), poutine.scale(scale=1.0 / batch.num_tasks):
             return self.objective.differentiable_loss(self.model, self.guide, batch)
 
     forward = loss

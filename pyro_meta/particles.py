@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import arviz as az
 import numpy as np
 import torch
 from torch import Tensor
+
+from ._arviz import az
 
 __all__ = ["particles_to_inference_data"]
 

@@ -11,13 +11,13 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
-import arviz as az  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from ._arviz import az  # noqa: E402
 from .evaluate import predict, predictive_quantile  # noqa: E402
 from .learner import MetaLearner  # noqa: E402
 from .tasks import RegressionFamily, TaskBatch  # noqa: E402

@@ -250,7 +250,8 @@ def fit(
         of a resumed run included) reaches it. The result then has
         ``out_of_time=True``, and ``metrics.jsonl`` a ``{"event": "time_budget", ...}`` line. A call
         always does at least one step unless the budget was spent before it started.
-    :param micro_batches: cut each meta-batch into this many equal shards, accumulate their gradients, and
+    :param micro_batches: cut each meta-batch into this many shards as equal as they can be (each weighted by
+        its share of the tasks, so the gradient is the whole batch's mean), accumulate their gradients, and
         draw shard j's noise at step s from a seed of (run seed, s, j). Default: 1 in one process (no
         cutting; noise from the global torch RNG), the number of ranks under torch.distributed
         (:mod:`pyro_meta.distributed`: the ranks share the shards, and the result is the same on any number
@@ -466,11 +467,12 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
                     loss.backward()
                 else:  # gradient accumulation over this rank's shards, each with its own seeded noise
                     loss = 0.0
+                    weights = distributed.shard_weights(distributed.batch_size(batch), shards, world)
                     for i, (j, part) in enumerate(zip(my_shards, parts)):
                         hold = ddp.no_sync() if ddp is not None and i < len(parts) - 1 else nullcontext()
                         with hold, _forked_rng(dev):
                             torch.manual_seed(distributed.shard_seed(noise_seed, step, j))
-                            part_loss = loss_of(part) / len(parts)
+                            part_loss = loss_of(part) * weights[j]
                             part_loss.backward()
                         loss = loss + part_loss.detach()
                 if grad_clip is not None:

@@ -1,4 +1,11 @@
-"""Every test starts seeded, with Pyro's validation on and an empty param store."""
+"""Every test starts seeded, with Pyro's validation on and an empty param store.
+
+Data. ``../shared`` (beside the repository) holds the real Omniglot; a user's clone has no such folder.
+``PYRO_META_TEST_SHARED`` names another folder to use instead, and ``PYRO_META_TEST_SHARED=none`` hides it,
+as on a fresh clone (``.ci/run`` runs the suite that way first). Tests that need some Omniglot use
+:func:`omniglot_root`, a generated one in the canonical layout (``tests/omniglot_fixture.py``); tests about
+the real data are marked ``real_data`` and are skipped, with the data root named, when it is not there.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,34 @@ import torch
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+_SHARED_SETTING = os.environ.get("PYRO_META_TEST_SHARED", "")
+HIDDEN = _SHARED_SETTING.lower() == "none"
+SHARED = Path(_SHARED_SETTING) if _SHARED_SETTING and not HIDDEN else REPO.parent / "shared"
+REAL_OMNIGLOT = SHARED / "data" / "omniglot"
+HAVE_REAL_OMNIGLOT = not HIDDEN and (REAL_OMNIGLOT / "images_background.zip").is_file()
+REAL_REASON = (f"the real Omniglot at {REAL_OMNIGLOT} is hidden (PYRO_META_TEST_SHARED=none)" if HIDDEN else
+               f"the real Omniglot is not at {REAL_OMNIGLOT} (set PYRO_META_TEST_SHARED to a folder holding "
+               "data/omniglot)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the ``real_data`` tests, with the data root named, when the real Omniglot is not there."""
+    if HAVE_REAL_OMNIGLOT:
+        return
+    skip = pytest.mark.skip(reason=REAL_REASON)
+    for item in items:
+        if item.get_closest_marker("real_data") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def omniglot_root(tmp_path_factory) -> Path:
+    """A generated Omniglot data root (canonical zips, real alphabet names, random drawings; see
+    ``tests/omniglot_fixture.py``), written once per session: 19 characters, 32 / 20 / 24 Vinyals
+    train / val / test classes."""
+    from omniglot_fixture import write_omniglot
+
+    return write_omniglot(tmp_path_factory.mktemp("omniglot_small"))
 
 
 @pytest.fixture(autouse=True)

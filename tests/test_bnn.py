@@ -15,7 +15,7 @@ from pyro import poutine
 from pyro.infer import SVGD
 from pyro.optim import Adam
 
-from pyro_meta.infer.svgd import ScalarRBFKernel, pyro_global_params
+from pyro_meta.infer.svgd import ScalarRBFKernel
 from pyro_meta.models.bnn import BNNPrior, BNNRegression, predictive_scores
 from pyro_meta.particles import particles_to_inference_data
 
@@ -75,11 +75,10 @@ def test_pyro_svgd_packs_latent_sites_one_after_another():
         pyro.sample("a", dist.Normal(0.0, 1.0))
         pyro.sample("b", dist.Normal(10.0, 1.0))
 
-    with pyro_global_params():
-        svgd = SVGD(two_sites, ScalarRBFKernel(), Adam({"lr": 0.0}), 3, 0, mode="multivariate")
-        svgd.step()
-        flat = pyro.param("svgd_particles").detach()
-        named = svgd.get_named_particles()
+    svgd = SVGD(two_sites, ScalarRBFKernel(), Adam({"lr": 0.0}), 3, 0, mode="multivariate")
+    svgd.step()
+    flat = pyro.param("svgd_particles").detach()
+    named = svgd.get_named_particles()
     assert_close(flat[:3], named["a"].detach(), rtol=0.0)
     assert_close(flat[3:], named["b"].detach(), rtol=0.0)
     assert_close(flat.reshape(3, -1)[0], named["a"].detach()[:2], rtol=0.0)
@@ -95,12 +94,11 @@ def test_svgd_fit_on_a_tiny_1d_data_set_beats_the_mean():
     y = torch.sin(x[:, 0]) + 0.1 * torch.randn(60)
     ym, ys = float(y.mean()), float(y.std())
     model = BNNRegression(1, hidden=20)
-    with pyro_global_params():
-        pyro.param("svgd_particles", model.init_particles(10, x, (y - ym) / ys).reshape(-1))
-        svgd = SVGD(model, ScalarRBFKernel(), Adam({"lr": 0.05}), 10, max_plate_nesting=1, mode="multivariate")
-        for _ in range(400):
-            svgd.step(x, (y - ym) / ys)
-        theta = pyro.param("svgd_particles").detach().reshape(10, model.num_params)
+    pyro.param("svgd_particles", model.init_particles(10, x, (y - ym) / ys).reshape(-1))
+    svgd = SVGD(model, ScalarRBFKernel(), Adam({"lr": 0.05}), 10, max_plate_nesting=1, mode="multivariate")
+    for _ in range(400):
+        svgd.step(x, (y - ym) / ys)
+    theta = pyro.param("svgd_particles").detach().reshape(10, model.num_params)
     x_test = torch.linspace(-3, 3, 100).unsqueeze(-1)
     y_test = torch.sin(x_test[:, 0])
     rmse, ll = predictive_scores(model, theta, x_test, y_test, ym, ys)

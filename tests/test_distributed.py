@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import SHARED
 
 from pyro_meta.config import RunConfig
 from pyro_meta.methods import build_learner, resolve
@@ -29,24 +28,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-DATA = SHARED / "data" / "omniglot"
+@pytest.fixture
+def omniglot_env(omniglot_root, tmp_path, monkeypatch):
+    """The generated Omniglot as ``$PYRO_META_DATA`` (read by every rank that :func:`_on_ranks` spawns), its
+    cache in ``tmp_path``."""
+    monkeypatch.setenv("PYRO_META_DATA", str(omniglot_root))
+    monkeypatch.setenv("PYRO_META_CACHE", str(tmp_path / "cache"))
+    return omniglot_root
 
 
 def _cfg(method: str, meta_batch: int = 4) -> RunConfig:
-    if method == "versa":  # a small Omniglot protocol: 5-way 1-shot, 1 query per class, 4 tasks
+    if method == "versa":  # a small Omniglot protocol: 5-way 1-shot, 1 query per class, 4 tasks; data from
+        # $PYRO_META_DATA (the omniglot_env fixture)
         return resolve(RunConfig(benchmark="omniglot", method="versa", ways=5, shots=1, queries=1,
-                                 meta_batch=meta_batch, seed=0, steps=10, data_root=str(DATA)))
+                                 meta_batch=meta_batch, seed=0, steps=10))
     inner = {"inner_steps": 1} if method in ("maml", "abml", "platipus", "bmaml") else {}
     return resolve(RunConfig(benchmark="sinusoid", method=method, shots=5, meta_batch=meta_batch, seed=0, steps=10,
                              **inner))
 
 
 def _train(method: str, steps: int, out: str | None, dtype: str, resume: bool = False,
-           stop_after: int | None = None, micro_batches: int | None = None) -> dict[str, torch.Tensor]:
+           stop_after: int | None = None, micro_batches: int | None = None,
+           meta_batch: int = 4) -> dict[str, torch.Tensor]:
     """Build, train and return the parameters, the same way in a single process and on every rank."""
     torch.set_default_dtype(getattr(torch, dtype))
     torch.set_num_threads(1)
-    cfg = _cfg(method)
+    cfg = _cfg(method, meta_batch)
     torch.manual_seed(cfg.seed)
     learner = build_learner(cfg)
     stream = benchmark_of(cfg).train
@@ -141,17 +148,20 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
 
 
 def test_maml_on_two_ranks_equals_one_process_with_the_global_meta_batch(tmp_path):
-    """Second-order MAML, float64, 4 tasks per step split 2 + 2: after 5 steps the parameters equal a
-    single process's on all 4 tasks within 1e-6 (they agree to float reduction order), and both ranks
+    """Second-order MAML, float64, 5 steps: with 4 tasks per step split 2 + 2, and with 5 split unevenly
+    3 + 2 (each shard's mean loss weighted by its share of the tasks), the parameters equal a single
+    process's on the whole meta-batch within 1e-6 (they agree to float reduction order), and both ranks
     hold the same parameters."""
-    single = _train("maml", 5, None, "float64")
-    (ranks,) = _on_ranks(tmp_path, 2, [dict(method="maml", steps=5, out=None, dtype="float64")])
-    _assert_same(ranks[0], ranks[1], atol=0)
-    _assert_same(ranks[0], single, atol=1e-6)
-    assert ranks[0]["_seen"].tolist() == [2] * 5 and ranks[1]["_seen"].tolist() == [2] * 5  # 2 of the 4 tasks each
-    init = _cfg_params()
-    moved = max((single[k] - init[k]).abs().max().item() for k in init)
-    assert moved > 1e-3  # the comparison is of trained parameters, not of the initialization
+    even, uneven = _on_ranks(tmp_path, 2, [dict(method="maml", steps=5, out=None, dtype="float64"),
+                                           dict(method="maml", steps=5, out=None, dtype="float64", meta_batch=5)])
+    for ranks, meta_batch, seen in ((even, 4, ([2] * 5, [2] * 5)), (uneven, 5, ([3] * 5, [2] * 5))):
+        single = _train("maml", 5, None, "float64", meta_batch=meta_batch)
+        _assert_same(ranks[0], ranks[1], atol=0)
+        _assert_same(ranks[0], single, atol=1e-6)
+        assert (ranks[0]["_seen"].tolist(), ranks[1]["_seen"].tolist()) == seen  # each rank's share of the tasks
+        init = _cfg_params()
+        moved = max((single[k] - init[k]).abs().max().item() for k in init)
+        assert moved > 1e-3  # the comparison is of trained parameters, not of the initialization
 
 
 def _cfg_params() -> dict[str, torch.Tensor]:
@@ -188,26 +198,33 @@ def test_a_ddp_checkpoint_resumes_in_one_process(tmp_path):
     _assert_same(resumed, single, atol=1e-6)
 
 
-def test_an_uneven_split_is_refused(tmp_path):
-    from pyro_meta.distributed import split
+def test_an_uneven_split_weights_each_shard_by_its_share_of_the_tasks():
+    """5 tasks in 2 shards are 3 + 2 (in 3: 2 + 2 + 1), weighted so the accumulated gradient is the whole
+    meta-batch's mean: one process accumulating 2 or 3 uneven shards equals one process on the whole
+    batch (MAML draws no noise), float64, 3 steps. Fewer tasks than shards is refused."""
+    from pyro_meta.distributed import shard_weights, split
 
     batch = benchmark_of(_cfg("maml", meta_batch=5)).train.__next__()
-    with pytest.raises(ValueError, match="multiple of 2"):
-        split(batch, 2)
-    parts = split(benchmark_of(_cfg("maml", meta_batch=4)).train.__next__(), 2)
-    assert [p.num_tasks for p in parts] == [2, 2]
+    assert [p.num_tasks for p in split(batch, 2)] == [3, 2]
+    assert [p.num_tasks for p in split(batch, 3)] == [2, 2, 1]
+    assert torch.equal(torch.cat([p.x_support for p in split(batch, 3)]), batch.x_support)  # contiguous, in order
+    assert shard_weights(5, 2, 1) == [0.6, 0.4] and shard_weights(4, 2, 2) == [1.0, 1.0]
+    whole = _train("maml", 3, None, "float64", meta_batch=5)
+    for shards in (2, 3):
+        _assert_same(_train("maml", 3, None, "float64", meta_batch=5, micro_batches=shards), whole, atol=1e-10)
+    with pytest.raises(ValueError, match="a meta-batch of 5 cannot be cut into 6 shards"):
+        split(batch, 6)
     with pytest.raises(ValueError, match="micro_batches must be a positive multiple"):
         fit(build_learner(_cfg("maml")), benchmark_of(_cfg("maml")).train, 1, progress=False, micro_batches=0)
 
 
 @pytest.mark.parametrize("method", [pytest.param("abml", marks=pytest.mark.slow), "versa"])
-def test_a_sampling_method_on_two_ranks_equals_one_process_accumulating_two_shards(tmp_path, method):
+def test_a_sampling_method_on_two_ranks_equals_one_process_accumulating_two_shards(tmp_path, method, request):
     """ABML (SGD inner loop on a sampled ELBO) and VERSA (ML-PIP, sampled logits), float64, 4 steps: 2 ranks
     equal one process with the same global meta-batch in 2 micro-batches within 1e-6, because each shard's
     noise is seeded by the shard, not by the rank."""
-    if method == "versa" and not (DATA / "images_background.zip").is_file():
-        pytest.skip(f"Omniglot is not at {DATA}")
-    os.environ["PYRO_META_CACHE"] = str(tmp_path / "cache")
+    if method == "versa":
+        request.getfixturevalue("omniglot_env")
     single = _train(method, 4, None, "float64", micro_batches=2)
     (ranks,) = _on_ranks(tmp_path, 2, [dict(method=method, steps=4, out=None, dtype="float64")])
     _assert_same(ranks[0], ranks[1], atol=0)
@@ -227,13 +244,10 @@ def test_resume_on_another_number_of_ranks_is_exact(tmp_path):
 
 
 @pytest.mark.slow
-def test_every_method_trains_on_two_ranks(tmp_path):
+def test_every_method_trains_on_two_ranks(tmp_path, omniglot_env):
     """Every method (and the VAE) takes 2 DDP steps on 2 ranks; both ranks end with the same parameters and
     each equals one process accumulating the same 2 shards."""
-    methods = ["maml", "abml", "platipus", "amortized", "bmaml", "vae"]
-    if (DATA / "images_background.zip").is_file():
-        methods.append("versa")
-        os.environ["PYRO_META_CACHE"] = str(tmp_path / "cache")
+    methods = ["maml", "abml", "platipus", "amortized", "bmaml", "vae", "versa"]
     calls = [dict(method=m, steps=2, out=None, dtype="float64") for m in methods]
     results = _on_ranks(tmp_path, 2, calls)
     for m, ranks in zip(methods, results):
@@ -244,25 +258,30 @@ def test_every_method_trains_on_two_ranks(tmp_path):
 
 def test_cli_nproc_launches_two_ranks(tmp_path):
     """``pyro-meta train --nproc 2`` runs under torchrun: one run directory, written once, evaluated; an
-    odd meta-batch is refused with a message naming the fix."""
+    odd meta-batch (5: shards of 3 and 2) trains; a launch whose ranks fail prints one line, with no torch
+    elastic block and no banner."""
     import subprocess
     import sys
 
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "pyro_meta", "train", "sinusoid", "--method", "maml", "--meta-batch", "4",
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # no banner even when unset
+    cmd = [sys.executable, "-m", "pyro_meta", "train", "sinusoid", "--method", "maml", "--meta-batch", "5",
            "--steps", "6", "--test-tasks", "10", "--no-progress", "--nproc", "2", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "run directory:" in proc.stdout and "(2 ranks)" in proc.stdout
     assert proc.stdout.count("trained 6 steps") == 1  # rank 0 alone reports
+    assert proc.stderr == "", proc.stderr  # quiet: no OMP_NUM_THREADS banner, no warnings
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 6
     assert (out / "eval.json").is_file()
-    bad = subprocess.run(cmd[:-1] + [str(tmp_path / "odd")] + ["--meta-batch", "3"], capture_output=True,
+    bad = subprocess.run(cmd[:-1] + [str(tmp_path / "one")] + ["--meta-batch", "1"], capture_output=True,
                          text=True, timeout=300, env=env)
     assert bad.returncode != 0
-    assert "multiple of 2" in bad.stderr
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1, bad.stderr
+    assert lines[0].startswith("pyro-meta train: error: a meta-batch of 1 cannot be cut into 2 shards")
+    assert lines[0].endswith("(ranks 0, 1)"), lines[0]
 
 
 def test_evaluation_is_sharded_over_ranks_and_gathered(tmp_path):
@@ -278,18 +297,16 @@ def test_evaluation_is_sharded_over_ranks_and_gathered(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_launches_the_vae_on_two_ranks(tmp_path):
+def test_torchrun_launches_the_vae_on_two_ranks(tmp_path, omniglot_root):
     """``torchrun -m pyro_meta vi vae``: the minibatch is split over 2 ranks, rank 0 writes the run
-    directory and the report once."""
+    directory and the report once (on the generated Omniglot)."""
     import subprocess
     import sys
 
-    if not (DATA / "images_background.zip").is_file():
-        pytest.skip(f"Omniglot is not at {DATA}")
     out = tmp_path / "vae"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYRO_META_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pyro_meta",
-           "vi", "vae", "--quick", "--out", str(out), "--data-root", str(DATA), "--no-progress"]
+           "vi", "vae", "--quick", "--out", str(out), "--data-root", str(omniglot_root), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("# VAE on binarized Omniglot") == 1

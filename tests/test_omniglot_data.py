@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import io
 import socket
 import threading
 import warnings
@@ -18,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED
-from PIL import Image
+from conftest import HAVE_REAL_OMNIGLOT, REAL_OMNIGLOT
+from omniglot_fixture import drawings, write_omniglot
 
 from pyro_meta.tasks import omniglot as om
 from pyro_meta.tasks.episodes import EpisodeSampler, fixed_episodes
@@ -37,7 +36,7 @@ from pyro_meta.tasks.omniglot import (
 )
 from pyro_meta.tasks.regression import ProtocolError
 
-REAL = SHARED / "data" / "omniglot"
+REAL = REAL_OMNIGLOT
 # alphabet -> number of characters, per half; real alphabet names so the Vinyals split applies
 LAYOUT = {
     "images_background": {"Hebrew": 2, "Angelic": 3},
@@ -54,23 +53,7 @@ NAMES = [
 @functools.lru_cache(maxsize=1)
 def _drawings() -> dict[str, tuple[bytes, torch.Tensor]]:
     """zip member -> (1-bit PNG bytes, bool [105, 105] True = white background)."""
-    g = torch.Generator().manual_seed(0)
-    out, charid = {}, 0
-    for half, alphabets in LAYOUT.items():
-        for alphabet, n in alphabets.items():
-            for c in range(1, n + 1):
-                charid += 1
-                for drawer in range(1, 21):
-                    white = torch.rand(105, 105, generator=g) > 0.1  # ~10% ink, like strokes
-                    im = Image.frombytes(
-                        "L", (105, 105), bytes((white.to(torch.uint8) * 255).flatten().tolist())
-                    )
-                    im = im.convert("1", dither=Image.Dither.NONE)
-                    buf = io.BytesIO()
-                    im.save(buf, format="PNG")
-                    member = f"{half}/{alphabet}/character{c:02d}/{charid:04d}_{drawer:02d}.png"
-                    out[member] = (buf.getvalue(), white)
-    return out
+    return drawings(LAYOUT)
 
 
 def make_tiny(
@@ -82,21 +65,7 @@ def make_tiny(
 ) -> Path:
     """Write the tiny dataset into ``root`` (``form`` "zip" or "folder"), without member ``drop``,
     with the PNG bytes of the members in ``override`` replaced."""
-    png = {m: b for m, (b, _) in _drawings().items()} | (override or {})
-    root.mkdir(parents=True, exist_ok=True)
-    members = [m for m in _drawings() if m != drop]
-    for half in LAYOUT:
-        mine = [m for m in reversed(members) if m.startswith(half + "/")]  # unsorted on purpose
-        if form == "zip":
-            mode = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
-            with zipfile.ZipFile(root / f"{half}.zip", "w", mode) as z:
-                for m in mine:
-                    z.writestr(m, png[m])
-        else:
-            for m in mine:
-                (root / m).parent.mkdir(parents=True, exist_ok=True)
-                (root / m).write_bytes(png[m])
-    return root
+    return write_omniglot(root, LAYOUT, form, drop, stored, override, made=_drawings())
 
 
 def expected_105() -> torch.Tensor:
@@ -455,7 +424,7 @@ def test_class_pool_rotations_and_parts(tiny, tmp_path):
         class_pool(data, rotations=(45,))
 
 
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"the real Omniglot is not at {REAL}")
+needs_real = pytest.mark.real_data  # skipped by conftest, with the data root named, when it is absent
 PARTS = {"train": 4112, "val": 688, "trainval": 4800, "test": 1692}
 
 
@@ -474,13 +443,14 @@ def test_vinyals_split_equals_the_split_files():
 
 @pytest.fixture(scope="session")
 def real_data(tmp_path_factory):
-    if not REAL.is_dir():
+    if not HAVE_REAL_OMNIGLOT:
         pytest.skip(f"the real Omniglot is not at {REAL}")
     return load_omniglot(
         REAL, image_size=28, cache_dir=tmp_path_factory.mktemp("omniglot_cache"), progress=False
     )
 
 
+@needs_real
 def test_real_data_pools(real_data):
     """About 6-9 s (the first decode of 32,460 PNGs), under the 30 s that would make it slow."""
     assert real_data.images.shape == (1623, 20, 28, 28) and real_data.images.dtype == torch.uint8

@@ -15,7 +15,6 @@ from pyro.optim import SGD, Adam
 
 from pyro_meta.infer.svgd import (
     ScalarRBFKernel,
-    pyro_global_params,
     svgd_adapt,
     svgd_direction,
     svgd_step,
@@ -43,12 +42,11 @@ def run_pyro_svgd(model, init: torch.Tensor, optim, steps: int, kernel=None) -> 
     first step already moves them); returns the particles ``[N, D]``."""
     n, d = init.shape
     pyro.clear_param_store()
-    with pyro_global_params():
-        pyro.param("svgd_particles", init.reshape(-1).clone())
-        svgd = SVGD(model, kernel or ScalarRBFKernel(), optim, n, 0, mode="multivariate")
-        for _ in range(steps):
-            svgd.step()
-        return pyro.param("svgd_particles").detach().reshape(n, d)
+    pyro.param("svgd_particles", init.reshape(-1).clone())
+    svgd = SVGD(model, kernel or ScalarRBFKernel(), optim, n, 0, mode="multivariate")
+    for _ in range(steps):
+        svgd.step()
+    return pyro.param("svgd_particles").detach().reshape(n, d)
 
 
 # ---------------------------------------------------------------------------------------------- the kernel

@@ -10,7 +10,7 @@ import os
 import pyro
 import pytest
 import torch
-from conftest import SHARED, assert_close, central_differences
+from conftest import REAL_OMNIGLOT, assert_close, central_differences
 from pyro.infer import RenyiELBO, Trace_ELBO
 
 from pyro_meta.checks import ModelCheckError
@@ -28,9 +28,7 @@ from pyro_meta.vi.vae import (
     mean_image_logits,
 )
 
-DATA = SHARED / "data" / "omniglot"
-needs_omniglot = pytest.mark.skipif(not (DATA / "images_background.zip").is_file(),
-                                    reason=f"Omniglot is not at {DATA}")
+DATA = REAL_OMNIGLOT
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +198,7 @@ def test_objective_settings_are_checked():
         ImportanceWeightedELBO(num_particles=0)
 
 
-@needs_omniglot
+@pytest.mark.real_data
 def test_a_short_seeded_run_learns_omniglot(cache):
     """600 steps of 20 drawings (half an epoch) lift the test bound far above the untrained model's: the
     untrained decoder with PyTorch's initialization (about -545 nats, every pixel near 1/2) and, by a margin
@@ -224,14 +222,14 @@ def test_a_short_seeded_run_learns_omniglot(cache):
     assert gain.mean() > 12 and gain.mean() > 10 * se, (start["bounds"][50], after["bounds"][50], float(se))
 
 
-@needs_omniglot
-def test_cli_vi_vae_quick_run_resume_and_errors(tmp_path, cache):
+def test_cli_vi_vae_quick_run_resume_and_errors(tmp_path, cache, omniglot_root):
     """``pyro-meta vi vae --quick`` writes the run directory; ``--resume`` of the finished run re-evaluates
-    with a new evaluation setting; a changed training setting on resume is refused."""
+    with a new evaluation setting; a changed training setting on resume is refused (on the generated
+    Omniglot)."""
     from pyro_meta.cli import main as cli
 
     out = tmp_path / "vae"
-    args = ["vi", "vae", "--quick", "--objective", "iwae", "--k", "5", "--out", str(out), "--data-root", str(DATA),
+    args = ["vi", "vae", "--quick", "--objective", "iwae", "--k", "5", "--out", str(out), "--data-root", str(omniglot_root),
             "--no-progress"]
     assert cli(args) == 0
     for name in ("config.json", "checkpoint.pt", "metrics.jsonl", "eval.json", "results.md", "vae.png"):

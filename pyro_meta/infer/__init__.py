@@ -3,7 +3,7 @@
 from .adapt import sgd_adapt
 from .elbo import LeanTrace_ELBO, LeanTraceMeanField_ELBO
 from .losses import MLPIP, BFALoss, ChaserLoss, PredictiveELBO, log_mean_exp
-from .svgd import ScalarRBFKernel, pyro_global_params, svgd_adapt, svgd_direction, svgd_step
+from .svgd import ScalarRBFKernel, svgd_adapt, svgd_direction, svgd_step
 
-__all__ = ["BFALoss", "ChaserLoss", "LeanTrace_ELBO", "LeanTraceMeanField_ELBO", "MLPIP", "PredictiveELBO", "ScalarRBFKernel", "log_mean_exp", "pyro_global_params", "sgd_adapt",
+__all__ = ["BFALoss", "ChaserLoss", "LeanTrace_ELBO", "LeanTraceMeanField_ELBO", "MLPIP", "PredictiveELBO", "ScalarRBFKernel", "log_mean_exp", "sgd_adapt",
            "svgd_adapt", "svgd_direction", "svgd_step"]

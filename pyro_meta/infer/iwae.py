@@ -2,8 +2,7 @@
 
 Pyro's :class:`~pyro.infer.RenyiELBO` at ``alpha=0`` computes this bound's value (``loss``) and steps an
 optimizer through ``loss_and_grads``, but it has no ``differentiable_loss``: it calls ``backward`` itself,
-and only when the trace holds ``pyro.param`` sites, which a module with ``module_local_params=True``
-never has. :class:`ImportanceWeightedELBO` reuses RenyiELBO's vectorized traces (so it draws exactly the
+and only when the trace holds ``pyro.param`` sites, which a plain ``nn.Module`` (the VAE) never has. :class:`ImportanceWeightedELBO` reuses RenyiELBO's vectorized traces (so it draws exactly the
 samples RenyiELBO draws with the same seed; ``tests/test_vae.py`` checks the values agree) and returns
 
     L_k = sum_n log (1/k) sum_j p(x_n, z_nj) / q(z_nj | x_n),   z_nj ~ q(. | x_n)

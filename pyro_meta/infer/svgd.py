@@ -22,14 +22,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import pyro
 import torch
 from pyro.infer.svgd import SteinKernel
 from torch import Tensor
 
 from .adapt import sgd_adapt
 
-__all__ = ["ScalarRBFKernel", "pyro_global_params", "svgd_adapt", "svgd_direction", "svgd_step"]
+__all__ = ["ScalarRBFKernel", "svgd_adapt", "svgd_direction", "svgd_step"]
 
 
 def _centred_sq_dists(particles: Tensor) -> tuple[Tensor, Tensor]:
@@ -169,24 +168,3 @@ def svgd_adapt(log_prob: Callable[[Tensor], Tensor], particles: Tensor, steps: i
 
     (out,) = sgd_adapt(lambda x: -log_prob(x), (particles,), steps, 0.0, first_order, update=update)
     return out
-
-
-def pyro_global_params():  # noqa: ANN201 - a context manager
-    """A context in which ``pyro.infer.SVGD`` works: it keeps its particles in Pyro's global param
-    store, which :mod:`pyro_meta.learner`'s ``module_local_params=True`` setting otherwise refuses.
-
-    Give the model **one** latent site (e.g. a flat vector of all its parameters, as
-    :class:`pyro_meta.models.bnn.BNNRegression` does): ``pyro.infer.SVGD`` (Pyro 1.9.2) stores the
-    particles of the first site, then of the second, ... and reshapes that to one row per particle, so
-    with several sites a "particle" mixes coordinates of different particles (measured in
-    ``tests/test_bnn.py``).
-
-    Example::
-
-        with pyro_global_params():
-            svgd = pyro.infer.SVGD(model, ScalarRBFKernel(), Adam({"lr": 0.05}), 20, 0, mode="multivariate")
-            for _ in range(1000):
-                svgd.step(x, y)
-            particles = svgd.get_named_particles()
-    """
-    return pyro.settings.context(module_local_params=False)

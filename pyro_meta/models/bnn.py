@@ -16,13 +16,12 @@ when the model has a single latent site (checked in ``tests/test_bnn.py``).
 Example::
 
     model = BNNRegression(in_dim=13)
-    with pyro_global_params():
-        pyro.param("svgd_particles", model.init_particles(20, x, y).reshape(-1))
-        svgd = SVGD(model, ScalarRBFKernel(), RMSprop({"lr": 1e-3, "alpha": 0.9, "eps": 1e-6}), 20,
-                    max_plate_nesting=1, mode="multivariate")
-        for _ in range(2000):
-            svgd.step(x, y, subsample_size=100)
-        theta = pyro.param("svgd_particles").detach().reshape(20, -1)  # M P
+    pyro.param("svgd_particles", model.init_particles(20, x, y).reshape(-1))
+    svgd = SVGD(model, ScalarRBFKernel(), RMSprop({"lr": 1e-3, "alpha": 0.9, "eps": 1e-6}), 20,
+                max_plate_nesting=1, mode="multivariate")
+    for _ in range(2000):
+        svgd.step(x, y, subsample_size=100)
+    theta = pyro.param("svgd_particles").detach().reshape(20, -1)  # M P
     rmse, ll = predictive_scores(model, theta, x_test, y_test)
 
 The same model runs under ``pyro.infer.MCMC(NUTS(model))``.

@@ -42,7 +42,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import arviz as az
 import numpy as np
 import pyro
 import pyro.distributions as dist
@@ -52,6 +51,8 @@ from pyro.infer import MCMC, NUTS, TraceEnum_ELBO
 from pyro.infer.autoguide.initialization import init_to_value
 from pyro.ops.indexing import Vindex
 from torch import nn
+
+from .._arviz import az
 
 DTYPE = torch.float64
 
