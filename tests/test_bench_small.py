@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -27,6 +28,7 @@ def test_bench_checkpoint_tiny():
     assert "ABML, Omniglot 5-way conv4 (112,261 weights)" in out and "MiB" in out
 
 
+@pytest.mark.slow  # 22 s alone, 52 s beside other work: it times thread contention on purpose
 def test_bench_threads_tiny(tmp_path):
     out = _run("benchmarks/bench_threads.py", "--steps", "1", "--cases", "maml-mlp", "--out", str(tmp_path / "t.md"))
     table = (tmp_path / "t.md").read_text()
