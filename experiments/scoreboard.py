@@ -5,8 +5,8 @@ Trains each registered regression method (MAML, ABML, and whichever others are r
 iteration budget (``--budget``: the fraction of MAML's 70,000 meta-iterations) and once at equal
 wall time (by default each cell's median equal-iteration training time), all with seed 0, so every
 method sees the same training meta-batches and the same 600 fixed test tasks. Scores: test MSE,
-NLL, held-out log predictive density, 50%/90% coverage, the regression calibration curve and its
-mean absolute gap, training wall time and tasks/s. The README's table comes from (2 CPU cores):
+NLL, held-out log predictive density, 50%/90% coverage, CRPS, PACOH's PIT calibration error (MAE and
+RMSE), the regression calibration curve and its mean absolute gap, training wall time and tasks/s. The README's table comes from (2 CPU cores):
 
     python experiments/scoreboard.py --steps 1500 --workers 2 --out runs/scoreboard   # 38 min
 

@@ -54,9 +54,12 @@ __all__ = ["ROW_VARIANTS", "row_methods", "BENCHMARKS", "FULL_STEPS", "MODES", "
 
 
 def row_methods() -> list[str]:
-    """The scoreboard's default rows: every registered regression method, then :data:`ROW_VARIANTS`."""
-    rows = regression_methods()
-    return rows + [name for name, v in ROW_VARIANTS.items() if v["method"] in rows]
+    """The scoreboard's default rows: every registered regression method, each followed by its
+    :data:`ROW_VARIANTS` (``bmaml``, then ``bfa``)."""
+    rows = []
+    for method in regression_methods():
+        rows += [method] + [name for name, v in ROW_VARIANTS.items() if v["method"] == method]
+    return rows
 
 
 def scoreboard_jobs(methods: list[str], benchmarks: list[str], shots: list[int], steps: int,
@@ -138,6 +141,8 @@ def _row(name: str, cfg: dict[str, Any], mode: str, report: dict[str, Any], out:
     return {**row, **info, "meta_batch": meta_batch,
             "tasks_per_second": info["steps"] * meta_batch / info["train_seconds"] if info["train_seconds"] else None,
             "metrics": {**{k: m[k] for k in ("mse", "nll", "coverage50", "coverage90")},
+                        # absent from an eval.json written before these metrics existed
+                        "crps": m.get("crps"), "calibration_error": m.get("calibration_error"),
                         "heldout_lpd_per_point": {"mean": lpd["per_point"], "ci95": None if se is None else Z95 * se},
                         "calibration": m["calibration"], "nonfinite_tasks": m.get("nonfinite_tasks")}}
 
@@ -323,8 +328,8 @@ def _pick_tasks(batch: Any, count: int = 2) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- the markdown
-COLUMNS = ("method", "shots", "steps", "MSE", "NLL", "held-out lpd/point", "cov50", "cov90", "calibration gap",
-           "train wall time (s)", "tasks/s")
+COLUMNS = ("method", "shots", "steps", "MSE", "NLL", "held-out lpd/point", "cov50", "cov90", "CRPS",
+           "calib. error MAE/RMSE", "calibration gap", "train wall time (s)", "tasks/s")
 
 
 def _pm(stat: dict[str, Any] | None, digits: int = 3) -> str:
@@ -332,6 +337,10 @@ def _pm(stat: dict[str, Any] | None, digits: int = 3) -> str:
         return "n/a"
     ci = stat.get("ci95")
     return f"{stat['mean']:.{digits}f}" + ("" if ci is None or ci != ci else f" ± {ci:.{digits}f}")
+
+
+def _calibration_error_text(cal: dict[str, Any] | None) -> str:
+    return "n/a" if not cal else f"{cal['mae']:.3f} / {cal['rmse']:.3f}"
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
@@ -346,7 +355,8 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
         bad = (m.get("nonfinite_tasks") or {}).get("count", 0)
         cells = [r["method"] + (f" ({bad} diverged test tasks left out)" if bad else ""), str(r["shots"]),
                  str(r["steps"]), _pm(m["mse"]), _pm(m["nll"]), _pm(m["heldout_lpd_per_point"]),
-                 _pm(m["coverage50"], 2), _pm(m["coverage90"], 2), f"{m['calibration']['gap']:.3f}",
+                 _pm(m["coverage50"], 2), _pm(m["coverage90"], 2), _pm(m.get("crps")),
+                 _calibration_error_text(m.get("calibration_error")), f"{m['calibration']['gap']:.3f}",
                  f"{r['train_seconds']:.1f}", "n/a" if rate is None else f"{rate:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -367,7 +377,10 @@ def scoreboard_markdown(board: dict[str, Any]) -> str:
               "",
               "Columns: mean ± 95% CI over test tasks; held-out lpd/point: the log predictive density of each "
               "task's query set given its support set, per query point; cov50/cov90: the fraction of query "
-              "points inside the central 50%/90% predictive interval; calibration gap: mean |observed - nominal| "
+              "points inside the central 50%/90% predictive interval; CRPS: continuous ranked probability score "
+              "per query point (lower is better); calib. error MAE/RMSE: PACOH's calibration error, the mean "
+              "absolute and root mean square gap between q and the fraction of query points (all tasks pooled) "
+              "whose PIT F(y) is <= q, over 20 levels q from 0.05 to 0.95; calibration gap: mean |observed - nominal| "
               "coverage over the levels 0.05, 0.10, ..., 0.95 (calibration.png); train wall time: seconds in "
               "the training loop (evaluation not included); tasks/s: training tasks per second "
               "(steps x meta-batch / train wall time).", ""]

@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+# the methods that do not train (steps 0): pyro_meta.methods.reference
+REFERENCE_METHODS = ("prior", "oracle")
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used: unknown keys, wrong types, or a resume that differs."""
@@ -83,6 +86,8 @@ class RunConfig:
     leader_steps: int | None = None  # s, the leader's further SVGD steps on support + query (chaser loss)
     precision_lr_factor: float | None = None  # the SVGD step on the log precisions: inner_lr x this
     bandwidth_factor: float | None = None  # BMAML: the kernel's median bandwidth x this (1: the authors')
+    # GP: "sum" (RBF + linear + periodic components) or "deep" (an RBF on a feature MLP of widths `hidden`)
+    kernel: str | None = None
     # evaluation
     eval_samples: int | None = None
     # run
@@ -156,9 +161,14 @@ class RunConfig:
             want(isinstance(getattr(self, name), str), name, "a string")
         for name in ("shots", "num_val_tasks", "num_test_tasks", "log_every", "checkpoint_every"):
             pos_int(name)
-        for name in ("ways", "queries", "meta_batch", "eval_queries", "steps", "filters", "train_samples",
+        for name in ("ways", "queries", "meta_batch", "eval_queries", "filters", "train_samples",
                      "train_tasks", "particles", "leader_steps"):
             pos_int(name, allow_none=True)
+        # 0 only for the reference rows (prior, oracle), which do not train: methods.resolve refuses it elsewhere
+        zero_ok = self.method in REFERENCE_METHODS
+        want(self.steps is None or (isinstance(self.steps, int) and not isinstance(self.steps, bool)
+                                    and (self.steps >= 1 or zero_ok and self.steps == 0)), "steps",
+             "a positive integer (0 only for the reference rows prior and oracle, which do not train)")
         pos_int("inner_steps", allow_none=True, allow_zero=True)
         pos_int("inner_steps_eval", allow_none=True, allow_zero=True)
         pos_int("inner_samples", allow_none=True)
@@ -187,7 +197,8 @@ class RunConfig:
             want(isinstance(getattr(self, name), bool), name, "true or false")
         for name, choices in (("split", ("vinyals", "lake")), ("downsample", ("maxpool", "stride")),
                               ("batch_norm", ("task", "none")), ("kl_estimator", ("mc", "analytic")),
-                              ("amortize", ("all", "last")), ("inner_step", ("sgd", "natural"))):
+                              ("amortize", ("all", "last")), ("inner_step", ("sgd", "natural")),
+                              ("kernel", ("sum", "deep"))):
             v = getattr(self, name)
             want(v is None or v in choices, name, f"one of {list(choices)} or null")
         want(self.data_root is None or isinstance(self.data_root, str), "data_root", "a path string or null")

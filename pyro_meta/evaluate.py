@@ -40,6 +40,11 @@ class Prediction:
       ``("classes",)``, value ``[S, T, C, D]``).
     - ``support_log_lik``: ``[S, T, N]`` ``log p(y_tn | phi_s)`` of the support points, when the model
       observes them at ``y_support`` (the observations the posterior conditioned on), else ``None``.
+    - ``log_weights``: ``[S, T, Q]`` (or ``[S, T, 1]``) log weights of the draws, normalized over ``S``,
+      when the predictive is a weighted mixture (a model whose ``y_query`` law is a ``MixtureSameFamily`` of
+      Normals, as the ``prior`` and ``oracle`` reference rows: each component becomes one weighted draw);
+      ``None``: equal weights ``1/S``. The joint over a task's query points (``heldout_lpd``) reads the
+      first point's weights: weights that differ by point make sense per point only.
 
     Every draw comes from the learner run on the tasks without their query labels
     (:func:`run_blind`); ``log_lik`` is computed afterwards from the labels.
@@ -54,10 +59,16 @@ class Prediction:
     gaussian: bool
     inner_plates: dict[str, tuple[str, ...]] = field(default_factory=dict)
     support_log_lik: Tensor | None = None
+    log_weights: Tensor | None = None
 
     @property
     def num_samples(self) -> int:
         return self.mean.shape[0]
+
+    def predictive_mean(self) -> Tensor:
+        """``[T, Q, O]``: the mean of the predictive mixture (weighted by ``log_weights`` when set)."""
+        w = M.mixture_weights(self.log_weights, self.mean)
+        return self.mean.mean(0) if w is None else (w * self.mean).sum(0)
 
 
 def _base(fn: dist.Distribution) -> dist.Distribution:
@@ -141,14 +152,26 @@ def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int, kee
             v = v.reshape(num_samples, *v.shape[v.dim() - e:])  # S 1 1 *event -> S *event
         latents[name] = v
     base = _base(fn)
-    gaussian = isinstance(base, torch.distributions.Normal)
-    mean = fn.probs if batch.is_classification else fn.mean
     support = model_tr.nodes.get(SUPPORT_SITE)
     support_ll = None
     if support is not None and support["type"] == "sample" and support["is_observed"]:
         support_ll = support["fn"].log_prob(support["value"]).detach()
         support_ll = support_ll.expand((num_samples,) + support_ll.shape[1:])  # S T N
     y = batch.y_query  # only now, to score the draws the blind model made
+    mixture = _gaussian_mixture(base)
+    if mixture is not None:  # a weighted mixture per point: its components become weighted draws
+        log_w, loc, scale = mixture
+        k = log_w.shape[0]
+        log_lik = None
+        if y is not None:
+            log_lik = torch.distributions.Normal(loc, scale).log_prob(y.to(loc.dtype)).sum(-1)  # K T Q
+        return {"latents": latents, "per_task": tuple(per_task), "inner_plates": inner, "mean": loc,
+                "stddev": scale, "log_lik": log_lik,
+                "y_draws": site["value"].detach().expand((num_samples,) + site["value"].shape[1:]),
+                "gaussian": True, "support_log_lik": None if support_ll is None else support_ll[:1].expand(k, -1, -1),
+                "log_weights": log_w}
+    gaussian = isinstance(base, torch.distributions.Normal)
+    mean = fn.probs if batch.is_classification else fn.mean
     return {
         "latents": latents,
         "per_task": tuple(per_task),
@@ -159,7 +182,27 @@ def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int, kee
         "y_draws": site["value"].detach().expand((num_samples,) + site["value"].shape[1:]),
         "gaussian": gaussian,
         "support_log_lik": support_ll,
+        "log_weights": None,
     }
+
+
+def _gaussian_mixture(fn) -> tuple[Tensor, Tensor, Tensor] | None:  # noqa: ANN001 - a distribution
+    """``(log_w [K, T, Q], loc [K, T, Q, O], scale [K, T, Q, O])`` when ``fn`` (the ``y_query`` law, batch
+    ``[S, T, Q]``, event ``[O]``) is a ``MixtureSameFamily`` of Normals (the reference rows); else ``None``.
+    The mixture is the same for every sample ``s`` (it has no latent draws), so sample 0 is read."""
+    if not isinstance(fn, torch.distributions.MixtureSameFamily):
+        return None
+    comp = _base(fn.component_distribution)
+    if not isinstance(comp, torch.distributions.Normal):
+        return None
+    logits = fn.mixture_distribution.logits  # S T Q K (normalized by Categorical)
+    if logits.dim() != 4:
+        return None
+    event = fn.event_shape.numel() if len(fn.event_shape) else 1
+    loc = comp.loc.expand(*logits.shape, event)[0].movedim(-2, 0).detach()  # K T Q O
+    scale = comp.scale.expand(*logits.shape, event)[0].movedim(-2, 0).detach()
+    log_w = logits[0].movedim(-1, 0).detach()  # K T Q
+    return log_w, loc, scale
 
 
 # The most per-task weight values one chunk may draw (samples x tasks x weights): ABML's conv4 has ~1e5
@@ -223,7 +266,8 @@ def predict(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed
     for name, v in first["latents"].items():
         latents[name] = torch.cat([c["latents"][name] for c in chunks], 1) if name in first["per_task"] else v
     return Prediction(latents, first["per_task"], cat("mean"), cat("stddev"), cat("log_lik"),
-                      cat("y_draws"), first["gaussian"], first["inner_plates"], cat("support_log_lik"))
+                      cat("y_draws"), first["gaussian"], first["inner_plates"], cat("support_log_lik"),
+                      cat("log_weights"))
 
 
 def _sharded_predict(learner: MetaLearner, batch: TaskBatch, num_samples: int, seed: int | None,
@@ -249,7 +293,7 @@ def _sharded_predict(learner: MetaLearner, batch: TaskBatch, num_samples: int, s
         return torch.cat([getattr(p, key) for p in parts], dim=1).to(batch.x_support.device)
 
     return Prediction({}, first.per_task, cat("mean"), cat("stddev"), cat("log_lik"), cat("y_draws"), first.gaussian,
-                      first.inner_plates, cat("support_log_lik"))
+                      first.inner_plates, cat("support_log_lik"), cat("log_weights"))
 
 
 def _map_tensors(pred: Prediction, fn) -> Prediction:  # noqa: ANN001 - a tensor -> tensor function
@@ -257,7 +301,8 @@ def _map_tensors(pred: Prediction, fn) -> Prediction:  # noqa: ANN001 - a tensor
         return None if t is None else fn(t)
 
     return Prediction({k: fn(v) for k, v in pred.latents.items()}, pred.per_task, f(pred.mean), f(pred.stddev),
-                      f(pred.log_lik), f(pred.y_draws), pred.gaussian, pred.inner_plates, f(pred.support_log_lik))
+                      f(pred.log_lik), f(pred.y_draws), pred.gaussian, pred.inner_plates, f(pred.support_log_lik),
+                      f(pred.log_weights))
 
 
 def finite_tasks(pred: Prediction) -> Tensor:
@@ -276,14 +321,15 @@ def _select_tasks(pred: Prediction, keep: Tensor) -> Prediction:
 
     latents = {k: (v[:, keep] if k in pred.per_task else v) for k, v in pred.latents.items()}
     return Prediction(latents, pred.per_task, sel(pred.mean), sel(pred.stddev), sel(pred.log_lik),
-                      sel(pred.y_draws), pred.gaussian, pred.inner_plates, sel(pred.support_log_lik))
+                      sel(pred.y_draws), pred.gaussian, pred.inner_plates, sel(pred.support_log_lik),
+                      sel(pred.log_weights))
 
 
 def predictive_quantile(pred: Prediction, p: float) -> Tensor:
     """The ``p`` quantile of the predictive mixture per query point, ``[T, Q, O]``: exact for Gaussian
     ``p(y | phi)``, else the empirical quantile of the draws."""
     if pred.gaussian:
-        return M.gaussian_mixture_quantile(p, pred.mean, pred.stddev)
+        return M.gaussian_mixture_quantile(p, pred.mean, pred.stddev, log_weights=pred.log_weights)
     return torch.quantile(pred.y_draws.float(), p, dim=0)
 
 
@@ -294,7 +340,7 @@ def interval_coverages(pred: Prediction, y: Tensor, levels: Sequence[float] = M.
     CDF at ``y`` (``|2 F(y) - 1| <= level``: the same intervals, without a bisection per level);
     otherwise each level's interval comes from :func:`predictive_quantile` of the draws."""
     if pred.gaussian:
-        return M.pit_coverage(M.gaussian_mixture_cdf(y, pred.mean, pred.stddev), levels)  # L T
+        return M.pit_coverage(M.gaussian_mixture_cdf(y, pred.mean, pred.stddev, pred.log_weights), levels)  # L T
     return torch.stack([M.interval_coverage(y, predictive_quantile(pred, (1 - a) / 2),
                                             predictive_quantile(pred, (1 + a) / 2)) for a in levels])
 
@@ -306,24 +352,52 @@ def predictive_calibration(pred: Prediction, y: Tensor,
     return M.calibration_curve(interval_coverages(pred, y, levels), levels)
 
 
+def predictive_pit(pred: Prediction, y: Tensor) -> Tensor:
+    """``[T, Q, O]``: the probability integral transform ``F(y)`` of each query label ``y [T, Q, O]`` under
+    the predictive mixture: its exact CDF for a Gaussian ``p(y | phi)``
+    (:func:`~pyro_meta.metrics.gaussian_mixture_cdf`), else the empirical CDF of the draws ``y_draws``;
+    weighted by ``log_weights`` when set."""
+    if pred.gaussian:
+        return M.gaussian_mixture_cdf(y, pred.mean, pred.stddev, pred.log_weights)
+    return M.empirical_cdf(y, pred.y_draws, pred.log_weights)
+
+
+def predictive_crps(pred: Prediction, y: Tensor) -> Tensor:
+    """``[T]``: each task's mean CRPS over its query points (and outputs) ``y [T, Q, O]``: closed form for a
+    Gaussian ``p(y | phi)`` (:func:`~pyro_meta.metrics.gaussian_mixture_crps`), else the energy form over the
+    draws ``y_draws`` (:func:`~pyro_meta.metrics.sample_crps`); weighted by ``log_weights`` when set."""
+    if pred.gaussian:
+        crps = M.gaussian_mixture_crps(y, pred.mean, pred.stddev, pred.log_weights)
+    else:
+        crps = M.sample_crps(y, pred.y_draws, pred.log_weights)
+    return crps.flatten(1).mean(-1)
+
+
 def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str, float]]:
     """MSE of the predictive mean, NLL of the predictive mixture, and 50%/90% central-interval
     coverage, each as ``{"mean", "ci95", "n"}`` over tasks; ``"calibration"``: the calibration curve
     at nominal levels 0.05, 0.10, ..., 0.95 and its mean absolute gap (:func:`predictive_calibration`).
+    ``"crps"``: the continuous ranked probability score (lower is better), each task's mean over its query
+    points, ``{"mean", "ci95", "n"}`` over tasks (:func:`predictive_crps`). ``"calibration_error"``: PACOH's
+    calibration error (Rothfuss et al. 2021) of the PIT values of every query point of every finite task
+    pooled, ``{"mae", "rmse", "levels": 20, "n": points, "tasks": T}``
+    (:func:`~pyro_meta.metrics.pit_calibration_error` of :func:`predictive_pit`).
 
     Tasks with a non-finite prediction (a diverged inner loop) are left out of these means and
     counted in ``"nonfinite_tasks"``; ``n`` says how many tasks each mean is over.
     """
     pred, y, bad = _finite_only(pred, batch)
     out = {
-        "mse": M.mean_ci(M.squared_error(pred.mean.mean(0), y)),
-        "nll": M.mean_ci(M.mixture_nll(_points(pred.log_lik))),
+        "mse": M.mean_ci(M.squared_error(pred.predictive_mean(), y)),
+        "nll": M.mean_ci(M.mixture_nll(_points(pred.log_lik), pred.log_weights)),
     }
     levels = M.CALIBRATION_LEVELS
     coverage = interval_coverages(pred, y, levels)  # L T, once for the curve and the 50%/90% columns
     for level in (0.5, 0.9):
         out[f"coverage{int(level * 100)}"] = M.mean_ci(coverage[levels.index(level)])
-    out["heldout_lpd"] = M.heldout_lpd(_points(pred.log_lik))
+    out["crps"] = M.mean_ci(predictive_crps(pred, y))
+    out["calibration_error"] = {**M.pit_calibration_error(predictive_pit(pred, y)), "tasks": int(y.shape[0])}
+    out["heldout_lpd"] = M.heldout_lpd(_points(pred.log_lik), pred.log_weights)
     out["calibration"] = M.calibration_curve(coverage, levels)
     out["nonfinite_tasks"] = {"count": bad, "of": batch.num_tasks}
     return out
@@ -384,4 +458,12 @@ def evaluate(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, see
         pred = _sharded_predict(learner, batch, num_samples, seed, task_chunk, ctx)
     if batch.is_classification:
         return classification_metrics(pred, batch), pred
-    return regression_metrics(pred, batch), pred
+    metrics = regression_metrics(pred, batch)
+    if getattr(getattr(learner, "model", None), "pointwise_only", False):
+        # per-point mixtures (the reference rows' strata) are no joint draws: only the pointwise sum is
+        # a log predictive density there
+        h = metrics["heldout_lpd"]
+        per_point = h["pointwise_total"] / h["points"]
+        metrics["heldout_lpd"] = {**h, "total": h["pointwise_total"], "per_point": per_point, "se": float("nan"),
+                                  "per_point_se": float("nan"), "mc_se": 0.0, "joint": False}
+    return metrics, pred

@@ -27,17 +27,21 @@ def squared_error(pred_mean: Tensor, y: Tensor) -> Tensor:
     return ((pred_mean - y) ** 2).flatten(1).mean(-1)
 
 
-def mixture_nll(log_lik: Tensor) -> Tensor:
+def mixture_nll(log_lik: Tensor, log_weights: Tensor | None = None) -> Tensor:
     """Per-task mean NLL of the predictive mixture over ``S`` posterior samples.
 
     :param log_lik: ``log p(y_tq | phi_s)``, ``[S, T, Q]``. Returns ``[T]``:
         ``-mean_q log( (1/S) sum_s p(y_tq | phi_s) )``.
+    :param log_weights: ``[S, T, 1]`` (or ``[S, T, Q]``) log weights of the draws, normalized over ``S``
+        (quadrature over a grid of task parameters: the ``prior``/``oracle`` rows); ``None``: ``1/S`` each.
     """
+    if log_weights is not None:
+        return -torch.logsumexp(log_lik + log_weights.to(log_lik.dtype), dim=0).mean(-1)
     s = log_lik.shape[0]
     return -(torch.logsumexp(log_lik, dim=0) - math.log(s)).mean(-1)
 
 
-def heldout_lpd(log_lik: Tensor) -> dict[str, float]:
+def heldout_lpd(log_lik: Tensor, log_weights: Tensor | None = None) -> dict[str, float]:
     """Held-out log predictive density of the query sets, ``log p(y_query | support)``, estimated by
     Monte Carlo over ``S`` posterior draws conditioned on the support set only.
 
@@ -59,27 +63,47 @@ def heldout_lpd(log_lik: Tensor) -> dict[str, float]:
     s, t, q = log_lik.shape
     ll = log_lik.double()
     joint = ll.sum(-1)  # S T
-    lpd = torch.logsumexp(joint, 0) - math.log(s)  # T
-    w = torch.softmax(joint, 0)  # S T, normalized importance weights
+    if log_weights is None:  # equal weights 1/S
+        lw = torch.full_like(joint, -math.log(s))
+    else:  # [S, T, 1]: one weight per draw and task (quadrature), the same for its query points
+        lw = log_weights.double().reshape(s, t, -1)[..., 0]
+    lpd = torch.logsumexp(joint + lw, 0)  # T
+    w = torch.softmax(joint + lw, 0)  # S T, normalized importance weights
     ess = 1.0 / (w**2).sum(0)  # T
-    mc_var = (1.0 / ess - 1.0 / s).clamp(min=0.0)
+    # quadrature weights (log_weights) carry no Monte Carlo error
+    mc_var = (1.0 / ess - 1.0 / s).clamp(min=0.0) if log_weights is None else torch.zeros_like(ess)
     total = float(lpd.sum())
     se = float(lpd.std(unbiased=True)) * math.sqrt(t) if t > 1 else float("nan")
-    pointwise = -float(mixture_nll(ll).sum()) * q
+    pointwise = -float(mixture_nll(ll, None if log_weights is None else lw[..., None]).sum()) * q
     return {"total": total, "se": se, "per_point": total / (t * q), "per_point_se": se / (t * q),
             "mc_se": float(mc_var.sum().sqrt()), "min_ess": float(ess.min()), "pointwise_total": pointwise,
             "tasks": t, "points": t * q, "num_samples": s}
 
 
-def gaussian_mixture_cdf(y: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
-    """CDF at ``y [...]`` of the equal-weight mixture of ``N(loc_s, scale_s)``, ``loc, scale [S, ...]``."""
+def mixture_weights(log_weights: Tensor | None, like: Tensor) -> Tensor | None:
+    """Normalized weights ``[S, ...]`` broadcastable against ``like [S, ...]`` from log weights that may
+    lack trailing dims (``[S, T, 1]`` against ``[S, T, Q, O]``); ``None`` (equal weights) stays ``None``."""
+    if log_weights is None:
+        return None
+    w = torch.exp(log_weights.to(like.dtype))
+    while w.dim() < like.dim():
+        w = w.unsqueeze(-1)
+    return w
+
+
+def gaussian_mixture_cdf(y: Tensor, loc: Tensor, scale: Tensor, log_weights: Tensor | None = None) -> Tensor:
+    """CDF at ``y [...]`` of the mixture of ``N(loc_s, scale_s)``, ``loc, scale [S, ...]``: equal weights, or
+    ``exp(log_weights)`` (``[S, ...]``, normalized over ``S``, trailing dims may be 1 or missing)."""
     z = (y.unsqueeze(0) - loc) / scale
-    return 0.5 * (1 + torch.erf(z / math.sqrt(2))).mean(0)
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    w = mixture_weights(log_weights, cdf)
+    return cdf.mean(0) if w is None else (w * cdf).sum(0)
 
 
-def gaussian_mixture_quantile(p: float, loc: Tensor, scale: Tensor, iters: int = 40) -> Tensor:
-    """The ``p`` quantile of the equal-weight Gaussian mixture, by bisection (to 2^-40 of the
-    bracket width). ``loc, scale [S, ...]`` -> ``[...]``."""
+def gaussian_mixture_quantile(p: float, loc: Tensor, scale: Tensor, iters: int = 40,
+                              log_weights: Tensor | None = None) -> Tensor:
+    """The ``p`` quantile of the Gaussian mixture (equal weights, or ``exp(log_weights)``), by bisection
+    (to 2^-40 of the bracket width). ``loc, scale [S, ...]`` -> ``[...]``."""
     if not 0 < p < 1:
         raise ValueError(f"p must be in (0, 1), got {p}")
     q = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(p, dtype=torch.float64)).item()
@@ -87,7 +111,7 @@ def gaussian_mixture_quantile(p: float, loc: Tensor, scale: Tensor, iters: int =
     hi = (loc + max(q, 0) * 1.01 * scale + 1e-9).max(0).values + scale.max(0).values
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        below = gaussian_mixture_cdf(mid, loc, scale) < p
+        below = gaussian_mixture_cdf(mid, loc, scale, log_weights) < p
         lo = torch.where(below, mid, lo)
         hi = torch.where(below, hi, mid)
     return 0.5 * (lo + hi)
@@ -135,6 +159,140 @@ def calibration_curve(coverage: Tensor, levels: Sequence[float] = CALIBRATION_LE
     gaps = [abs(o - a) for o, a in zip(observed, levels)]
     return {"levels": [float(a) for a in levels], "observed": observed, "ci95": [s["ci95"] for s in stats],
             "gap": sum(gaps) / len(gaps), "max_gap": max(gaps), "n": int(cov.shape[1])}
+
+
+# ---------------------------------------------------------------------------- PIT calibration error and CRPS
+# the levels of PACOH's calibration error (Rothfuss et al. 2021) as issue 27 specifies: linspace(0.05, 0.95, 20)
+PIT_LEVELS = tuple(float(v) for v in torch.linspace(0.05, 0.95, 20, dtype=torch.float64))
+# values per chunk of the mixture CRPS's pairwise term (a few float64 temporaries of 32 MB each)
+CRPS_CHUNK_VALUES = 2**22
+_SQRT2 = math.sqrt(2.0)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def empirical_cdf(y: Tensor, draws: Tensor, log_weights: Tensor | None = None) -> Tensor:
+    """CDF at ``y [...]`` of the empirical distribution of ``draws [S, ...]``: the fraction of draws ``<= y``
+    (weighted by ``exp(log_weights)``, ``[S, ...]`` normalized over ``S``, when given). Returns ``[...]``."""
+    below = (draws <= y.unsqueeze(0)).to(torch.float64)
+    w = mixture_weights(log_weights, below)
+    return below.mean(0) if w is None else (w * below).sum(0)
+
+
+def pit_calibration_error(pit: Tensor, levels: Sequence[float] = PIT_LEVELS) -> dict[str, Any]:
+    """Calibration error of a regression predictive from its probability integral transforms, pooled.
+
+    ``PIT = F(y)``, the predictive CDF at the observed label, is uniform on [0, 1] for a calibrated
+    predictive. At each level ``q`` the gap is ``g_q = mean_points 1[PIT <= q] - q``, over every point given
+    (every query point of every task pooled, as PACOH does, not a mean of per-task values).
+
+    :param pit: ``F(y)`` of each point, any shape (``[T, Q, O]``).
+    :returns: ``{"mae": mean_q |g_q|, "rmse": sqrt(mean_q g_q^2), "levels": L, "n": points pooled}``.
+    """
+    p = pit.detach().double().flatten().sort().values
+    if p.numel() == 0:
+        raise ValueError("pit_calibration_error needs at least one PIT value")
+    q = torch.as_tensor(levels, dtype=torch.float64, device=p.device)
+    freq = torch.searchsorted(p, q, right=True).to(torch.float64) / p.numel()  # L: fraction with PIT <= q
+    gap = freq - q
+    return {"mae": float(gap.abs().mean()), "rmse": float(gap.pow(2).mean().sqrt()), "levels": len(levels),
+            "n": p.numel()}
+
+
+def _abs_normal_mean(mu: Tensor, sd: Tensor) -> Tensor:
+    """``E|X|`` for ``X ~ N(mu, sd^2)``: ``sd sqrt(2/pi) exp(-mu^2 / (2 sd^2)) + mu (1 - 2 Phi(-mu/sd))``,
+    with ``1 - 2 Phi(-z) = erf(z / sqrt(2))`` (no cancellation for large ``|z|``)."""
+    z = mu / sd
+    return sd * _SQRT_2_OVER_PI * torch.exp(-0.5 * z * z) + mu * torch.erf(z / _SQRT2)
+
+
+def _flat_weights(log_weights: Tensor | None, s: int, shape: torch.Size, like: Tensor) -> Tensor:
+    """``[S, P]`` normalized weights of ``S`` draws at ``P = prod(shape)`` points from log weights ``[S, ...]``
+    whose trailing dims may be 1 or missing (``[S, T, 1]`` against ``[T, Q, O]``); ``None``: ``1/S`` each."""
+    if log_weights is None:
+        return like.new_full((s, shape.numel()), 1.0 / s)
+    lw = log_weights.to(like.dtype)
+    while lw.dim() < 1 + len(shape):
+        lw = lw.unsqueeze(-1)
+    return lw.exp().expand(s, *shape).reshape(s, -1)
+
+
+def gaussian_mixture_crps(y: Tensor, loc: Tensor, scale: Tensor, log_weights: Tensor | None = None,
+                          chunk_values: int = CRPS_CHUNK_VALUES) -> Tensor:
+    """Closed-form CRPS of the mixture ``sum_s w_s N(loc_s, scale_s^2)`` at ``y`` (lower is better).
+
+    ``CRPS(F, y) = E|X - y| - 0.5 E|X - X'|`` (``X, X' ~ F`` independent), with
+    ``E|X - y| = sum_s w_s A(loc_s - y, scale_s)`` and
+    ``E|X - X'| = sum_{s,r} w_s w_r A(loc_s - loc_r, sqrt(scale_s^2 + scale_r^2))``, where
+    ``A(m, sd) = E|N(m, sd^2)| = sd sqrt(2/pi) exp(-m^2 / (2 sd^2)) + m (1 - 2 Phi(-m/sd))``.
+    The pairwise term is symmetric, so only the ``S (S + 1) / 2`` pairs ``s <= r`` are evaluated (the
+    others counted twice), in chunks of points and pairs of at most ``chunk_values`` values: a few
+    hundred draws over many tasks fit in memory. Evaluated in the inputs' precision (float32 or
+    float64: float32 predictions cost a quarter of the time), summed in float64.
+
+    :param y: ``[T, Q, O]`` (any ``[...]``). :param loc, scale: ``[S, ...]``.
+    :param log_weights: ``[S, ...]`` normalized over ``S``, trailing dims may be 1 or missing
+        (``[S, T, 1]``); ``None``: ``1/S`` each. Returns ``[...]`` (the broadcast shape) in float64.
+    """
+    dtype = torch.promote_types(torch.promote_types(loc.dtype, scale.dtype), torch.float32)
+    loc, scale, y = loc.to(dtype), scale.to(dtype), y.to(dtype)
+    s = loc.shape[0]
+    shape = torch.broadcast_shapes(y.shape, loc.shape[1:], scale.shape[1:])
+    loc, scale = loc.expand(s, *shape).reshape(s, -1), scale.expand(s, *shape).reshape(s, -1)  # S P
+    y = y.expand(shape).reshape(-1)  # P
+    w = None if log_weights is None else _flat_weights(log_weights, s, shape, loc)  # S P
+    if s > 1 and bool((loc == loc[:1]).all()) and bool((scale == scale[:1]).all()):
+        # identical components (a point estimate repeated S times): one Gaussian, no S^2 pairs
+        loc, scale, w, s = loc[:1], scale[:1], None, 1
+    to_y = _abs_normal_mean(loc - y, scale).double()  # S P
+    to_y = to_y.mean(0) if w is None else (w.double() * to_y).sum(0)  # P
+    var = scale * scale
+    i, j = torch.triu_indices(s, s, device=loc.device)  # K = S (S + 1) / 2 pairs with i <= j
+    twice = torch.where(i == j, 1.0, 2.0).to(dtype)  # K
+    k = i.numel()
+    per_point = max(1, min(y.numel(), chunk_values // k))
+    per_pair = max(1, chunk_values // per_point)
+    spread = torch.zeros_like(to_y)  # P: sum_{s,r} w_s w_r A(...) (without the 1/S^2 of equal weights)
+    for p0 in range(0, y.numel(), per_point):
+        pts = slice(p0, p0 + per_point)
+        lp, vp = loc[:, pts], var[:, pts]  # S p
+        for k0 in range(0, k, per_pair):
+            a, b = i[k0:k0 + per_pair], j[k0:k0 + per_pair]
+            # A(d, sd) in place: the chunk's temporaries are the memory bound
+            d = lp.index_select(0, a).sub_(lp.index_select(0, b))  # c p
+            sd = vp.index_select(0, a).add_(vp.index_select(0, b)).sqrt_()
+            z = d / sd
+            pair = (z * z).mul_(-0.5).exp_().mul_(sd).mul_(_SQRT_2_OVER_PI)
+            pair.add_(z.div_(_SQRT2).erf_().mul_(d))
+            if w is not None:
+                pair.mul_(w[a, pts]).mul_(w[b, pts])
+            spread[pts] += (twice[k0:k0 + per_pair] @ pair).double()  # p
+    if w is None:
+        spread /= s * s
+    return (to_y - 0.5 * spread).reshape(shape)
+
+
+def sample_crps(y: Tensor, draws: Tensor, log_weights: Tensor | None = None) -> Tensor:
+    """CRPS at ``y`` of the empirical distribution of ``draws`` (energy form, lower is better):
+    ``sum_s w_s |x_s - y| - 0.5 sum_{s,r} w_s w_r |x_s - x_r|``, exactly the CRPS of the draws' (weighted)
+    step CDF. The pairwise sum comes from the sorted draws in ``O(S log S)``:
+    ``sum_{s,r} w_s w_r |x_s - x_r| = 2 sum_k w_(k) x_(k) (W_below(k) - W_above(k))``.
+
+    :param y: ``[...]``; :param draws: ``[S, ...]``; :param log_weights: ``[S, ...]`` normalized over ``S``
+        (trailing dims may be 1), ``None``: ``1/S`` each. Returns ``[...]`` in float64.
+    """
+    x, y = draws.double(), y.double()
+    shape = torch.broadcast_shapes(y.shape, x.shape[1:])
+    s = x.shape[0]
+    x = x.expand(s, *shape).reshape(s, -1)  # S P
+    w = _flat_weights(log_weights, s, shape, x)  # S P
+    y = y.expand(shape).reshape(-1)  # P
+    to_y = (w * (x - y).abs()).sum(0)  # P
+    xs, order = x.sort(0)
+    ws = w.gather(0, order)
+    below = ws.cumsum(0) - ws  # weight of the draws sorted before each one
+    above = ws.sum(0, keepdim=True) - below - ws
+    spread = 2.0 * (ws * xs * (below - above)).sum(0)  # P
+    return (to_y - 0.5 * spread).reshape(shape)
 
 
 # ---------------------------------------------------------------------------- classification

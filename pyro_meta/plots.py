@@ -48,7 +48,7 @@ def predictive_bands(learner: MetaLearner, batch: TaskBatch, x_range: tuple[floa
     posterior samples (``Prediction.mean[s]``, posterior function draws; one for a point estimate)."""
     g = _grid_batch(batch, x_range, n)
     pred = predict(learner, g, num_samples, seed, keep_latents=False)
-    out = {"x": g.x_query[..., 0], "mean": pred.mean.mean(0)[..., 0]}
+    out = {"x": g.x_query[..., 0], "mean": pred.predictive_mean()[..., 0]}
     for level in (0.5, 0.9):
         for side, p in (("lo", (1 - level) / 2), ("hi", (1 + level) / 2)):
             v = predictive_quantile(pred, p)

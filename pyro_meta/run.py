@@ -363,15 +363,27 @@ def format_metrics_table(reports: list[dict[str, Any]]) -> str:
     """A plain-text table of test metrics (mean +- 95% CI over tasks), one row per run."""
     if reports and "accuracy" in reports[0]["metrics"]:
         return _format_classification(reports)
-    cols = ("mse", "nll", "coverage50", "coverage90")
-    head = f"{'method':<8} {'shots':>5} " + " ".join(f"{c:>17}" for c in cols) + f" {'heldout lpd/point':>17}"
+    cols = ("mse", "nll", "coverage50", "coverage90", "crps")
+    head = (f"{'method':<8} {'shots':>5} " + " ".join(f"{c:>17}" for c in cols) + f" {'calib err mae/rmse':>18}"
+            f" {'heldout lpd/point':>17}")
     lines = [head, "-" * len(head)]
     for r in reports:
         m = r["metrics"]
-        cells = " ".join(f"{m[c]['mean']:>9.3f} +-{m[c]['ci95']:>6.3f}" for c in cols) + _lpd_cell(m)
+        cells = " ".join(_stat_cell(m.get(c)) for c in cols) + _calibration_error_cell(m) + _lpd_cell(m)
         bad = m.get("nonfinite_tasks", {}).get("count", 0)
         lines.append(f"{r['method']:<8} {r['shots']:>5} {cells}" + (f"  ({bad} diverged tasks left out)" if bad else ""))
     return "\n".join(lines)
+
+
+def _stat_cell(stat: dict[str, Any] | None) -> str:
+    """``mean +- 95% CI`` over tasks (blank for a metric an older eval.json lacks, e.g. crps)."""
+    return f"{'':>17}" if not stat else f"{stat['mean']:>9.3f} +-{stat['ci95']:>6.3f}"
+
+
+def _calibration_error_cell(m: dict[str, Any]) -> str:
+    """PACOH's calibration error of the pooled PIT values, ``mae/rmse`` (blank if absent)."""
+    c = m.get("calibration_error")
+    return f" {'':>18}" if not c else f" {c['mae']:>9.3f}/{c['rmse']:<8.3f}"
 
 
 def _lpd_cell(m: dict[str, Any]) -> str:
@@ -473,13 +485,17 @@ def run_many(jobs: dict[str, dict[str, Any]], out: str | Path, workers: int = 2,
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     """``name -> eval.json`` as a markdown table of test metrics (mean +- 95% CI over tasks)."""
-    lines = ["| run | test MSE | NLL | 50% coverage | 90% coverage |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| run | test MSE | NLL | 50% coverage | 90% coverage | CRPS | calibration error MAE/RMSE |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, rep in sorted(results.items()):
         if "error" in rep:
-            lines.append(f"| {name} | failed: {rep['error']} | | | |")
+            lines.append(f"| {name} | failed: {rep['error']} | | | | | |")
             continue
         m = rep["metrics"]
-        cells = " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['ci95']:.3f}" for k in ("mse", "nll", "coverage50", "coverage90"))
+        cells = " | ".join(f"{m[k]['mean']:.3f} ± {m[k]['ci95']:.3f}" if k in m else "n/a"
+                           for k in ("mse", "nll", "coverage50", "coverage90", "crps"))
+        cal = m.get("calibration_error")
+        cells += " | " + ("n/a" if not cal else f"{cal['mae']:.3f} / {cal['rmse']:.3f}")
         bad = m.get("nonfinite_tasks", {}).get("count", 0)
         lines.append(f"| {name} | {cells} |" + (f" ({bad} diverged tasks left out)" if bad else ""))
     return "\n".join(lines)

@@ -294,7 +294,8 @@ def _positive_int(name: str, v: Any) -> None:
 
 
 def _check_fit_args(steps, checkpoint_every, log_every, meta_lr, checkpoint_minutes, skip_limit) -> None:  # noqa: ANN001
-    _positive_int("steps", steps)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer (0: no training), got {steps!r}")
     _positive_int("checkpoint_every", checkpoint_every)
     _positive_int("log_every", log_every)
     if not (isinstance(meta_lr, (int, float)) and math.isfinite(meta_lr) and meta_lr > 0):
@@ -315,9 +316,10 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
     learner.to(dev)
     tasks = place(tasks, dev)  # a source that can keep its data on the device (no per-step image copies)
     params = [p for p in learner.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the learner has no trainable parameters")
-    optimizer = torch.optim.Adam(params, lr=meta_lr)
+    if not params and steps > 0:
+        raise ValueError("the learner has no trainable parameters (a reference row trains with steps=0)")
+    # a learner with nothing to learn (the reference rows, steps 0) still writes the run's checkpoint
+    optimizer = torch.optim.Adam(params or [torch.zeros(0, requires_grad=True)], lr=meta_lr)
     step, skipped, elapsed = 0, 0, 0.0
     noise_seed = torch.initial_seed()  # with micro-batches, shard j of step s draws noise from (this, s, j)
     events: list[dict[str, Any]] = []
@@ -328,7 +330,7 @@ def _fit(learner, tasks, steps, meta_lr, grad_clip, out, resume, run_config, dev
                 "tasks after the checkpoint cannot be the ones an uninterrupted run would see. Train on a "
                 "task stream (get_benchmark(...).train, or a TaskFamily's stream) or a list of TaskBatch")
         ckpt = load_checkpoint(out / CHECKPOINT)
-        if run_config is not None and ckpt.get("run_config") != run_config:
+        if run_config is not None and _set(ckpt.get("run_config") or {}) != _set(run_config):
             diff = _diff(ckpt.get("run_config") or {}, run_config)
             raise CheckpointError(f"cannot resume {str(out)!r}: the config differs from the checkpoint's: {diff}")
         try:
@@ -588,6 +590,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except (ValueError, KeyError):
             continue
     path.write_text("".join(k + "\n" for k in keep))
+
+
+def _set(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config without its unset (``None``) entries: a setting added to the library after a checkpoint
+    was written is absent from it, which is not a difference."""
+    return {k: v for k, v in config.items() if v is not None}
 
 
 def _diff(a: dict[str, Any], b: dict[str, Any]) -> str:

@@ -120,6 +120,9 @@ def test_train_writes_a_complete_run(trained):
     assert idata.heldout_log_likelihood["y_query"].shape == (1, EVAL_SAMPLES[method], 4, 10)
     lpd = report["metrics"]["heldout_lpd"]
     assert lpd["tasks"] == 4 and lpd["points"] == 40 and math.isfinite(lpd["total"])
+    crps, cal = report["metrics"]["crps"], report["metrics"]["calibration_error"]
+    assert crps["n"] == 4 and crps["mean"] > 0 and math.isfinite(crps["ci95"])
+    assert (cal["levels"], cal["n"], cal["tasks"]) == (20, 40, 4) and 0 <= cal["mae"] <= cal["rmse"] <= 1
 
     for png in ("predictive.png", "training_loss.png"):
         assert_png(out / "plots" / png)
@@ -193,7 +196,9 @@ def test_demo_with_a_small_budget(tmp_path):
     rows = _demo_table(r.stdout)
     assert set(rows) == {"maml", "abml", "platipus"}, r.stdout
     for cells in rows.values():
-        assert len(re.findall(r"[-\d.]+ \+-\s*[\d.]+", cells)) == 5  # mse, nll, coverage50, coverage90, held-out lpd per point
+        # mse, nll, coverage50, coverage90, crps, held-out lpd per point (+ the calibration error, mae/rmse)
+        assert len(re.findall(r"[-\d.]+ \+-\s*[\d.]+", cells)) == 6
+        assert re.search(r"\d\.\d{3}/\d\.\d{3}", cells), cells
     assert "20 fixed test tasks" in r.stdout and "demo finished" in r.stdout
     assert_png(out / "demo_predictive.png")
     # DEMO_STEPS scaled by 0.005: maml 3000 -> 15, abml and platipus 2000 -> 10

@@ -191,3 +191,24 @@ def test_keyboard_interrupt_inside_a_step_resumes_exactly(tmp_path, full_runs, m
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 7
     train_run(RunConfig(), out, resume=True, overrides={}, progress=False, finalize_run=False)
     assert_same_training(out, full_runs[method])
+
+
+def test_a_setting_added_after_the_checkpoint_does_not_block_its_resume(tmp_path):
+    """A checkpoint written before a setting existed lacks its key; unset (None) now, it is no difference,
+    while a changed value still is (issue 27: the gp recipe's ``kernel`` setting)."""
+    from pyro_meta.methods import build_learner, resolve
+    from pyro_meta.run import benchmark_of
+    from pyro_meta.train import CheckpointError, fit
+
+    cfg = resolve(RunConfig(method="maml", meta_batch=2, num_test_tasks=2, num_val_tasks=2, steps=4))
+    out = tmp_path / "r"
+
+    def go(run_config, resume):
+        torch.manual_seed(0)
+        return fit(build_learner(cfg), benchmark_of(cfg).train, 4, out_dir=out, resume=resume, progress=False,
+                   run_config=run_config, stop_after=None if resume else 2)
+
+    go({"a": 1}, False)
+    assert go({"a": 1, "added_later": None}, True).step == 4
+    with pytest.raises(CheckpointError, match="a: checkpoint 1 vs now 2"):
+        go({"a": 2, "added_later": None}, True)

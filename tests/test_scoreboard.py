@@ -119,7 +119,8 @@ def test_regression_metrics_adds_the_curve_and_keeps_its_keys(gaussian):
         pred = Prediction({}, (), draws, None, pred.log_lik, draws, gaussian=False)
     batch = TaskBatch(torch.zeros(t, 1, 1), torch.zeros(t, 1, 1), torch.zeros(t, q, 1), y.float())
     m = regression_metrics(pred, batch)
-    assert set(m) == {"mse", "nll", "coverage50", "coverage90", "heldout_lpd", "calibration", "nonfinite_tasks"}
+    assert set(m) == {"mse", "nll", "coverage50", "coverage90", "crps", "calibration_error", "heldout_lpd",
+                      "calibration", "nonfinite_tasks"}
     cal = m["calibration"]
     assert set(cal) == {"levels", "observed", "ci95", "gap", "max_gap", "n"} and len(cal["observed"]) == 19
     assert_close(cal["observed"][cal["levels"].index(0.5)], m["coverage50"]["mean"], rtol=0, atol=1e-9)
@@ -192,6 +193,7 @@ def test_compare_cli_tiny(tmp_path):
     assert "Command: `pyro-meta compare --methods maml abml --benchmarks sinusoid_line --shots 1 2 --steps 3" in text
     assert "Machine: " in text and "torch " in text
     assert "## sinusoid_line, equal iterations (3 steps)" in text and "## sinusoid_line, equal wall time" in text
+    assert "| cov90 | CRPS | calib. error MAE/RMSE | calibration gap |" in text
     for method in ("maml", "abml"):
         for k in (1, 2):
             assert sum(line.startswith(f"| {method} | {k} |") for line in text.splitlines()) == 2  # both modes
@@ -202,6 +204,8 @@ def test_compare_cli_tiny(tmp_path):
     for (_, k, mode), row in rows.items():
         assert "error" not in row, row
         assert row["metrics"]["calibration"]["n"] == 5 and 0 <= row["metrics"]["calibration"]["gap"] <= 1
+        assert row["metrics"]["crps"]["n"] == 5 and row["metrics"]["crps"]["mean"] > 0
+        assert 0 <= row["metrics"]["calibration_error"]["mae"] <= row["metrics"]["calibration_error"]["rmse"] <= 1
         assert row["tasks_per_second"] > 0 and row["train_seconds"] > 0
         if mode == "iterations":
             assert row["steps"] == 3
@@ -251,7 +255,8 @@ def test_row_variants_bmaml_and_bfa(tmp_path):
     the default rows include them."""
     from pyro_meta.compare import row_methods
 
-    assert row_methods()[-2:] == ["bmaml", "bfa"]
+    rows = row_methods()
+    assert rows[rows.index("bmaml") + 1] == "bfa"
     out = tmp_path / "board"
     board = run_scoreboard(out, methods=["bmaml", "bfa"], benchmarks=["sinusoid"], shots=[2], steps=2,
                            mode="iterations", workers=1, num_test_tasks=4,

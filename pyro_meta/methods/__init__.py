@@ -15,12 +15,15 @@ from ..schedule import normalize_schedule
 from ..tasks import BENCHMARKS, CLASSIFICATION_BENCHMARKS, all_benchmarks, is_known_benchmark
 from ..tasks.custom import custom_family
 from ..threads import default_threads
-from . import abml, amortized, bmaml, maml, platipus, versa
+from . import abml, amortized, anp, bmaml, cnp, gp, maml, platipus, reference, versa
 from .common import MethodInfo, make_net
 
 # the registry: one line per method
-METHODS: dict[str, MethodInfo] = {r.name: r for r in (maml.RECIPE, abml.RECIPE, versa.RECIPE, platipus.RECIPE, amortized.RECIPE,
-                                                   bmaml.RECIPE)}
+METHODS: dict[str, MethodInfo] = {r.name: r for r in (
+    maml.RECIPE, abml.RECIPE, versa.RECIPE, platipus.RECIPE, amortized.RECIPE, bmaml.RECIPE,
+    cnp.RECIPE, anp.RECIPE, gp.RECIPE,  # function-space peers
+    reference.PRIOR, reference.ORACLE,  # reference rows (no training)
+)}
 
 # Settings whose meaning and default depend on the method.
 METHOD_FIELDS = ("inner_steps", "inner_steps_eval", "inner_lr", "noise_std", "learn_noise",
@@ -28,7 +31,7 @@ METHOD_FIELDS = ("inner_steps", "inner_steps_eval", "inner_lr", "noise_std", "le
                  "objective", "train_samples", "local_reparam", "eval_samples", "kl_estimator", "gamma_init",
                  "encoder_hidden", "amortize", "learned_prior", "inner_step",
                  "hyperprior_weight", "prior_init_std_hidden", "particles", "leader_steps",
-                 "precision_lr_factor", "bandwidth_factor")
+                 "precision_lr_factor", "bandwidth_factor", "kernel")
 # Settings that only classification benchmarks (images) have.
 CLASSIFICATION_FIELDS = ("ways", "data_root", "split", "filters", "downsample", "batch_norm")
 
@@ -103,7 +106,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
         given = [k for k in CLASSIFICATION_FIELDS if getattr(cfg, k) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)}: setting(s) of classification benchmarks, not of {cfg.benchmark!r}")
-    for name, v in protocol_defaults(cfg.benchmark, cfg.method, cfg.ways, cfg.shots).items():
+    own = info.run_defaults if not classification else {}  # the method's own win over the benchmark's
+    for name, v in {**protocol_defaults(cfg.benchmark, cfg.method, cfg.ways, cfg.shots), **own}.items():
         if getattr(cfg, name) is None:
             updates[name] = v
     if classification and info.network == "task" and cfg.hidden is not None:
@@ -144,4 +148,5 @@ def build_learner(cfg: RunConfig) -> MetaLearner:
 
 def protocol_of(cfg: RunConfig) -> dict[str, Any]:
     cfg = resolve(cfg)
-    return {**get_method(cfg.method).protocol(cfg), "network": _net(cfg).describe()}
+    # a method that builds its own networks (cnp, anp) describes them itself, under "network"
+    return {"network": _net(cfg).describe(), **get_method(cfg.method).protocol(cfg)}

@@ -37,6 +37,8 @@ class MethodInfo:
     :param dependent: ``dependent(cfg) -> {setting: value}``, run on the config with every other default
         filled in: defaults that depend on other settings (ABML's hyperprior weight on ``steps``). It
         only fills settings that are still ``None``.
+    :param run_defaults: benchmark-level settings (``meta_lr``, ``hidden``, ...) whose default this method
+        sets itself on the regression benchmarks: they win over :func:`~pyro_meta.methods.protocol_defaults`.
     """
 
     name: str
@@ -48,6 +50,7 @@ class MethodInfo:
     objectives: tuple[str, ...] = field(default=())
     network: str = "task"
     dependent: Callable[[RunConfig], dict[str, Any]] | None = None
+    run_defaults: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 def make_net(cfg: RunConfig, features_only: bool = False) -> FunctionalNet:

@@ -46,6 +46,17 @@ class RegressionFamily:
         """The noiseless task function. ``params`` values ``[T]``, ``x`` ``[T, N, 1]`` -> ``[T, N, 1]``."""
         raise NotImplementedError
 
+    def prior_grid(self, n: int) -> tuple[dict[str, Tensor], Tensor] | None:
+        """Quadrature of the task prior for the exact reference rows (``prior``, ``oracle``): grid points
+        ``params`` (values ``[G]``, float64) and their log prior weights ``[G]`` (summing to 1), ``n`` points
+        per axis (the midpoint rule on each uniform range). ``None``: this family cannot offer one."""
+        return None
+
+    def grid_function(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The task functions of every grid point at every input: ``params`` values ``[G]``, ``x [..., N, 1]``
+        -> ``[..., N, G]``. Families with a :meth:`prior_grid` implement it."""
+        raise NotImplementedError
+
     def draw_x(self, n: int, m: int, g: torch.Generator) -> Tensor:
         """Inputs of ``n`` tasks, ``m`` points each, ``[n, m, 1]``: uniform on :attr:`x_range`. Override
         it (and :meth:`draw_params`, :meth:`function`) for another input distribution."""
@@ -140,6 +151,30 @@ class SinusoidLine(RegressionFamily):
         sine = c("amplitude") * torch.sin(x + c("phase"))
         line = c("slope") * x + c("intercept")
         return torch.where(c("is_line") > 0.5, line, sine)
+
+    def prior_grid(self, n: int) -> tuple[dict[str, Tensor], Tensor]:
+        """``n x n`` midpoints over (amplitude, phase) for the sines and over (slope, intercept) for the
+        lines, each class 1/2 of the prior mass: ``G = 2 n^2`` points of equal weight. The unused pair of a
+        class is set to 0 (its function ignores them)."""
+        def mid(lo_hi: tuple[float, float]) -> Tensor:
+            lo, hi = lo_hi
+            return lo + (hi - lo) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
+
+        a, p = torch.meshgrid(mid(self.amplitude), mid(self.phase), indexing="ij")
+        m, b = torch.meshgrid(mid(self.slope), mid(self.intercept), indexing="ij")
+        zeros = torch.zeros(n * n, dtype=torch.float64)
+        params = {
+            "is_line": torch.cat([zeros, torch.ones(n * n, dtype=torch.float64)]),
+            "amplitude": torch.cat([a.reshape(-1), zeros]), "phase": torch.cat([p.reshape(-1), zeros]),
+            "slope": torch.cat([zeros, m.reshape(-1)]), "intercept": torch.cat([zeros, b.reshape(-1)]),
+        }
+        return params, torch.full((2 * n * n,), -math.log(2 * n * n), dtype=torch.float64)
+
+    def grid_function(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        x = x.to(torch.float64)  # ... N 1, broadcast against the grid's last dim
+        sine = params["amplitude"] * torch.sin(x + params["phase"])
+        line = params["slope"] * x + params["intercept"]
+        return torch.where(params["is_line"] > 0.5, line, sine)  # ... N G
 
 
 @dataclass(frozen=True)
