@@ -364,13 +364,20 @@ def predictive_pit(pred: Prediction, y: Tensor) -> Tensor:
 
 def predictive_crps(pred: Prediction, y: Tensor) -> Tensor:
     """``[T]``: each task's mean CRPS over its query points (and outputs) ``y [T, Q, O]``: closed form for a
-    Gaussian ``p(y | phi)`` (:func:`~pyro_meta.metrics.gaussian_mixture_crps`), else the energy form over the
-    draws ``y_draws`` (:func:`~pyro_meta.metrics.sample_crps`); weighted by ``log_weights`` when set."""
-    if pred.gaussian:
+    Gaussian ``p(y | phi)`` (:func:`~pyro_meta.metrics.gaussian_mixture_crps`) of at most
+    :data:`CRPS_EXACT_MAX` equal-weight draws (or weighted ones), else the energy form over the draws
+    ``y_draws`` (:func:`~pyro_meta.metrics.sample_crps`); weighted by ``log_weights`` when set."""
+    if pred.gaussian and (pred.num_samples <= CRPS_EXACT_MAX or pred.log_weights is not None):
         crps = M.gaussian_mixture_crps(y, pred.mean, pred.stddev, pred.log_weights)
-    else:
+    else:  # the closed form costs S^2 pairs per point: past CRPS_EXACT_MAX draws, their energy form
         crps = M.sample_crps(y, pred.y_draws, pred.log_weights)
     return crps.flatten(1).mean(-1)
+
+
+# The most equal-weight Gaussian draws whose CRPS is computed in closed form (S^2 / 2 pairs per point); with
+# more (a 20,000-draw evaluation), the energy form of the S draws y_draws, one per p(y | phi_s), which is
+# O(S log S) and differs from the closed form by about E|X - X'| / (2 S).
+CRPS_EXACT_MAX = 1000
 
 
 def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str, float]]:

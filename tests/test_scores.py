@@ -248,3 +248,21 @@ def test_the_scoreboard_table_shows_crps_and_the_calibration_error():
     assert cells["CRPS"] == "0.321 ± 0.012" and cells["calib. error MAE/RMSE"] == "0.046 / 0.079"
     old = {**row, "metrics": {**row["metrics"], "crps": None, "calibration_error": None}}
     assert "| n/a | n/a |" in _table([old])[2]
+
+
+def test_past_the_exact_cap_the_crps_of_many_draws_is_their_energy_form():
+    """A 2,000-draw Gaussian predictive (over CRPS_EXACT_MAX): the evaluator's CRPS is the energy form of the
+    draws (linear-log cost, not 2,000^2 / 2 pairs per point) and within 0.01 of the closed form."""
+    from pyro_meta.evaluate import CRPS_EXACT_MAX, Prediction, predictive_crps
+
+    g = torch.Generator().manual_seed(7)
+    s, t, q = 2000, 2, 5
+    assert s > CRPS_EXACT_MAX
+    loc = torch.randn(s, t, q, 1, generator=g, dtype=torch.float64)
+    scale = torch.full_like(loc, 0.5)
+    draws = loc + scale * torch.randn(s, t, q, 1, generator=g, dtype=torch.float64)
+    y = torch.randn(t, q, 1, generator=g, dtype=torch.float64)
+    pred = Prediction({}, (), loc, scale, None, draws, True)
+    exact = M.gaussian_mixture_crps(y, loc, scale).flatten(1).mean(-1)
+    assert_close(predictive_crps(pred, y), exact, atol=0.01, rtol=0)
+    assert_close(predictive_crps(pred, y), M.sample_crps(y, draws).flatten(1).mean(-1), rtol=1e-12)
