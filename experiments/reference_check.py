@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from pyro_meta.evaluate import evaluate
+from pyro_meta.guides.empty import NoLatentGuide
 from pyro_meta.learner import MetaLearner
 from pyro_meta.methods.reference import COMPONENTS, GRID_POINTS
-from pyro_meta.models.reference import EmptyGuide, ReferenceModel
+from pyro_meta.models.reference import ReferenceModel
 from pyro_meta.tasks import get_benchmark
 from pyro_meta.tasks.regression import SinusoidLine
 
@@ -29,7 +30,7 @@ from pyro_meta.tasks.regression import SinusoidLine
 def run(kind: str, n: int, k: int, tasks) -> tuple[dict, float, torch.Tensor | None]:  # noqa: ANN001
     model = ReferenceModel(SinusoidLine(), kind, n, k)
     t0 = time.perf_counter()
-    metrics, _ = evaluate(MetaLearner(model, EmptyGuide()), tasks, num_samples=1, task_chunk=tasks.num_tasks)
+    metrics, _ = evaluate(MetaLearner(model, NoLatentGuide()), tasks, num_samples=1, task_chunk=tasks.num_tasks)
     return metrics, time.perf_counter() - t0, model.last_info.get("p_line")
 
 

@@ -18,11 +18,12 @@ import pyro.contrib.gp as gp
 import pytest
 import torch
 from conftest import assert_close
+from resume_check import assert_resumes_bitwise
 
 from pyro_meta import TaskBatch
 from pyro_meta.config import ConfigError, RunConfig
 from pyro_meta.evaluate import evaluate, predict
-from pyro_meta.guides.gp import GPGuide
+from pyro_meta.guides.empty import NoLatentGuide
 from pyro_meta.learner import MetaLearner, local_params
 from pyro_meta.methods import METHODS, build_learner, protocol_of, resolve
 from pyro_meta.models.gp import (
@@ -38,7 +39,6 @@ from pyro_meta.models.gp import (
 )
 from pyro_meta.run import benchmark_of, train_run
 from pyro_meta.tasks import register_benchmark, unregister_benchmark
-from pyro_meta.train import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -141,7 +141,7 @@ def test_predictive_and_loss_are_the_closed_form_gp(o):
     model = GPModel(sum_kernel(2, (3.0, 5.0)), noise_var=0.2).double()
     with torch.no_grad():
         model.mean.fill_(0.3)
-    learner = MetaLearner(model, GPGuide(), name="gp")
+    learner = MetaLearner(model, NoLatentGuide(), name="gp")
     batch = random_batch(t=4, s=5, q=3, d=2, o=o)
     pred = predict(learner, batch, num_samples=3)
     loss = learner.loss(batch)
@@ -177,7 +177,7 @@ def test_linear_kernel_nll_is_bayesian_linear_regression():
     set_positive(model.kernel.raw_variance, v)
     set_positive(model.kernel.raw_bias, b)
     set_positive(model.raw_noise, noise - MIN_NOISE_VAR)
-    learner = MetaLearner(model, GPGuide(), name="gp")
+    learner = MetaLearner(model, NoLatentGuide(), name="gp")
     batch = random_batch(t=3, s=4, q=5)
     nll = []
     s2 = noise + JITTER
@@ -251,29 +251,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     """Stopped after 3 steps and resumed twice: bit for bit the uninterrupted run's parameters, optimizer
     state, RNG and loss curve."""
     cfg = tiny(steps=STEPS, log_every=1, checkpoint_every=4)
-    full, part = tmp_path / "full", tmp_path / "part"
-    train_run(cfg, full, progress=False, finalize_run=False)
-    train_run(cfg, part, stop_after=3, progress=False, finalize_run=False)
-    assert load_checkpoint(part / "checkpoint.pt")["step"] == 3
-    train_run(RunConfig(), part, resume=True, overrides={}, stop_after=2, progress=False, finalize_run=False)
-    _, res = train_run(RunConfig(), part, resume=True, overrides={}, progress=False, finalize_run=False)
-    assert res.step == STEPS
-    a, b = load_checkpoint(part / "checkpoint.pt"), load_checkpoint(full / "checkpoint.pt")
-    assert a["learner"].keys() == b["learner"].keys()
-    for k in b["learner"]:
-        assert torch.equal(a["learner"][k], b["learner"][k]), k
-    for pid, sb in b["optimizer"]["state"].items():
-        for k, v in sb.items():
-            assert torch.equal(a["optimizer"]["state"][pid][k], v), (pid, k)
-    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
-
-    def curve(run: Path) -> list:
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
-
-    assert curve(part) == curve(full) and len(curve(full)) == STEPS
-    init = build_learner(cfg).state_dict()
-    assert any(not torch.equal(init[k], b["learner"][k]) for k in init)  # training moved something
+    assert_resumes_bitwise(cfg, tmp_path, STEPS)
 
 
 def test_cli_trains_and_evaluates(tmp_path):

@@ -17,6 +17,7 @@ import pyro
 import pytest
 import torch
 from conftest import assert_close
+from resume_check import assert_resumes_bitwise
 from torch.nn import functional as F
 
 from pyro_meta import TaskBatch
@@ -24,9 +25,9 @@ from pyro_meta.config import RunConfig
 from pyro_meta.evaluate import evaluate, predict
 from pyro_meta.methods import METHODS, build_learner, protocol_of, resolve
 from pyro_meta.models.cnp import MIN_STD
-from pyro_meta.run import benchmark_of, train_run
+from pyro_meta.run import benchmark_of
 from pyro_meta.tasks import register_benchmark, unregister_benchmark
-from pyro_meta.train import fit, load_checkpoint
+from pyro_meta.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 # every peer configuration: (method, extra settings)
@@ -194,29 +195,7 @@ def test_resume_equals_uninterrupted(tmp_path, method, extra):
     """Stopped after 3 steps (a checkpoint at step 4 lies between) and resumed: bit for bit the
     uninterrupted run's parameters, optimizer state, RNG and loss curve."""
     cfg = tiny(method, steps=STEPS, log_every=1, checkpoint_every=4, **extra)
-    full, part = tmp_path / "full", tmp_path / "part"
-    train_run(cfg, full, progress=False, finalize_run=False)
-    train_run(cfg, part, stop_after=3, progress=False, finalize_run=False)
-    assert load_checkpoint(part / "checkpoint.pt")["step"] == 3
-    train_run(RunConfig(), part, resume=True, overrides={}, stop_after=2, progress=False, finalize_run=False)
-    _, res = train_run(RunConfig(), part, resume=True, overrides={}, progress=False, finalize_run=False)
-    assert res.step == STEPS
-    a, b = load_checkpoint(part / "checkpoint.pt"), load_checkpoint(full / "checkpoint.pt")
-    assert a["learner"].keys() == b["learner"].keys()
-    for k in b["learner"]:
-        assert torch.equal(a["learner"][k], b["learner"][k]), k
-    for pid, sb in b["optimizer"]["state"].items():
-        for k, v in sb.items():
-            assert torch.equal(a["optimizer"]["state"][pid][k], v), (pid, k)
-    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
-
-    def curve(run: Path) -> list:
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
-
-    assert curve(part) == curve(full) and len(curve(full)) == STEPS
-    init = build_learner(cfg).state_dict()
-    assert any(not torch.equal(init[k], b["learner"][k]) for k in init)  # training moved something
+    assert_resumes_bitwise(cfg, tmp_path, STEPS)
 
 
 def test_cli_trains_and_evaluates(tmp_path):

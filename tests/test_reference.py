@@ -19,9 +19,10 @@ from torch import nn
 from pyro_meta import MetaLearner, TaskBatch
 from pyro_meta.config import ConfigError, RunConfig
 from pyro_meta.evaluate import evaluate
+from pyro_meta.guides.empty import NoLatentGuide
 from pyro_meta.methods import resolve
 from pyro_meta.models import full_plate, tasks_plate
-from pyro_meta.models.reference import EmptyGuide, ReferenceModel, strata
+from pyro_meta.models.reference import ReferenceModel, strata
 from pyro_meta.tasks.regression import RegressionFamily, SinusoidLine
 
 
@@ -130,7 +131,7 @@ class _TwoComponents(nn.Module):
 def test_the_evaluator_reads_a_mixture_predictive_with_its_weights():
     y = torch.tensor([[-1.0, 0.0, 2.0, 5.0]]).unsqueeze(-1)  # 1 4 1
     batch = TaskBatch(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), torch.zeros(1, 4, 1), y)
-    metrics, pred = evaluate(MetaLearner(_TwoComponents(), EmptyGuide()), batch, num_samples=1)
+    metrics, pred = evaluate(MetaLearner(_TwoComponents(), NoLatentGuide()), batch, num_samples=1)
     n = torch.distributions.Normal
     dens = 0.25 * n(-1.0, 0.5).log_prob(y[0, :, 0]).exp() + 0.75 * n(2.0, 1.0).log_prob(y[0, :, 0]).exp()
     assert_close(metrics["nll"]["mean"], -dens.log().mean(), rtol=1e-6)

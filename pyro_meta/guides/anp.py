@@ -6,7 +6,7 @@
   conditional prior; it never reads ``batch.y_query``.
 
 Without the latent path (the default) the model has no latent site and the guide is
-:class:`~pyro_meta.guides.cnp.NoLatentGuide`.
+:class:`~pyro_meta.guides.empty.NoLatentGuide`.
 
 [1] Garnelo, Schwarz, Rosenbaum, Viola, Rezende, Eslami, Teh, Neural Processes, 2018.
 """

@@ -14,7 +14,7 @@ import torch
 
 from ..config import RunConfig
 from ..guides.anp import ANPGuide
-from ..guides.cnp import NoLatentGuide
+from ..guides.empty import NoLatentGuide
 from ..infer import LeanTrace_ELBO
 from ..learner import MetaLearner
 from ..models.anp import LATENT_STD_MIN, ANPModel

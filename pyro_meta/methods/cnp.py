@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..guides.cnp import NoLatentGuide
+from ..guides.empty import NoLatentGuide
 from ..infer import LeanTrace_ELBO
 from ..learner import MetaLearner
 from ..models.cnp import MIN_STD, CNPModel

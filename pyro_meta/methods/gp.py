@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, RunConfig
-from ..guides.gp import GPGuide
+from ..guides.empty import NoLatentGuide
 from ..infer import LeanTrace_ELBO
 from ..learner import MetaLearner
 from ..models.gp import (
@@ -41,7 +41,7 @@ def build(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
     kernel = DeepKernel(x_dim, cfg.hidden) if cfg.kernel == "deep" else sum_kernel(x_dim)
     model = GPModel(kernel, noise_var=cfg.noise_std**2)
     # no latent site: LeanTrace_ELBO's loss is -log p(y_support, y_query) per task, with no sampling
-    return MetaLearner(model, GPGuide(), LeanTrace_ELBO(), name="gp", protocol=protocol(cfg))
+    return MetaLearner(model, NoLatentGuide(), LeanTrace_ELBO(), name="gp", protocol=protocol(cfg))
 
 
 def kernel_text(cfg: RunConfig) -> str:

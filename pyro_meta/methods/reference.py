@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import RunConfig
+from ..guides.empty import NoLatentGuide
 from ..learner import MetaLearner
-from ..models.reference import EmptyGuide, ReferenceModel
+from ..models.reference import ReferenceModel
 from ..nn import FunctionalNet
 from .common import MethodInfo
 
@@ -24,7 +25,7 @@ def _builder(kind: str):  # noqa: ANN202 - a build function
         from ..tasks.registry import _FAMILIES
 
         model = ReferenceModel(_FAMILIES[cfg.benchmark](), kind, GRID_POINTS, COMPONENTS)
-        return MetaLearner(model, EmptyGuide(), name=kind, protocol=_protocol(kind)(cfg))
+        return MetaLearner(model, NoLatentGuide(), name=kind, protocol=_protocol(kind)(cfg))
     return build
 
 

@@ -139,10 +139,3 @@ def strata(f: Tensor, w: Tensor, k_mass: int, k_width: int) -> tuple[Tensor, Ten
     var = torch.where(some, ((m2[..., 1:] - m2[..., :-1]) / safe - mean * mean).clamp(min=0.0),
                       torch.zeros_like(mean))
     return torch.where(some, safe.log(), torch.full_like(mass, -math.inf)), mean, var
-
-
-class EmptyGuide(nn.Module):
-    """A guide with nothing to infer (the model's predictive needs no latent draws)."""
-
-    def forward(self, batch: TaskBatch) -> None:
-        return None
