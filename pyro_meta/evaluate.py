@@ -45,6 +45,9 @@ class Prediction:
       Normals, as the ``prior`` and ``oracle`` reference rows: each component becomes one weighted draw);
       ``None``: equal weights ``1/S``. The joint over a task's query points (``heldout_lpd``) reads the
       first point's weights: weights that differ by point make sense per point only.
+    - ``joint``: whether draw ``s`` is one predictive for all of a task's query points (posterior draws);
+      ``False`` for a model that declares ``pointwise_only`` (the reference rows' strata are per point), whose
+      ``heldout_lpd`` is then the pointwise sum only.
 
     Every draw comes from the learner run on the tasks without their query labels
     (:func:`run_blind`); ``log_lik`` is computed afterwards from the labels.
@@ -60,6 +63,7 @@ class Prediction:
     inner_plates: dict[str, tuple[str, ...]] = field(default_factory=dict)
     support_log_lik: Tensor | None = None
     log_weights: Tensor | None = None
+    joint: bool = True
 
     @property
     def num_samples(self) -> int:
@@ -158,6 +162,7 @@ def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int, kee
         support_ll = support["fn"].log_prob(support["value"]).detach()
         support_ll = support_ll.expand((num_samples,) + support_ll.shape[1:])  # S T N
     y = batch.y_query  # only now, to score the draws the blind model made
+    joint = not getattr(getattr(learner, "model", None), "pointwise_only", False)
     mixture = _gaussian_mixture(base)
     if mixture is not None:  # a weighted mixture per point: its components become weighted draws
         log_w, loc, scale = mixture
@@ -169,7 +174,7 @@ def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int, kee
                 "stddev": scale, "log_lik": log_lik,
                 "y_draws": site["value"].detach().expand((num_samples,) + site["value"].shape[1:]),
                 "gaussian": True, "support_log_lik": None if support_ll is None else support_ll[:1].expand(k, -1, -1),
-                "log_weights": log_w}
+                "log_weights": log_w, "joint": joint}
     gaussian = isinstance(base, torch.distributions.Normal)
     mean = fn.probs if batch.is_classification else fn.mean
     return {
@@ -183,6 +188,7 @@ def _predict_chunk(learner: MetaLearner, batch: TaskBatch, num_samples: int, kee
         "gaussian": gaussian,
         "support_log_lik": support_ll,
         "log_weights": None,
+        "joint": joint,
     }
 
 
@@ -267,7 +273,7 @@ def predict(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed
         latents[name] = torch.cat([c["latents"][name] for c in chunks], 1) if name in first["per_task"] else v
     return Prediction(latents, first["per_task"], cat("mean"), cat("stddev"), cat("log_lik"),
                       cat("y_draws"), first["gaussian"], first["inner_plates"], cat("support_log_lik"),
-                      cat("log_weights"))
+                      cat("log_weights"), first["joint"])
 
 
 def _sharded_predict(learner: MetaLearner, batch: TaskBatch, num_samples: int, seed: int | None,
@@ -293,7 +299,7 @@ def _sharded_predict(learner: MetaLearner, batch: TaskBatch, num_samples: int, s
         return torch.cat([getattr(p, key) for p in parts], dim=1).to(batch.x_support.device)
 
     return Prediction({}, first.per_task, cat("mean"), cat("stddev"), cat("log_lik"), cat("y_draws"), first.gaussian,
-                      first.inner_plates, cat("support_log_lik"), cat("log_weights"))
+                      first.inner_plates, cat("support_log_lik"), cat("log_weights"), first.joint)
 
 
 def _map_tensors(pred: Prediction, fn) -> Prediction:  # noqa: ANN001 - a tensor -> tensor function
@@ -302,7 +308,7 @@ def _map_tensors(pred: Prediction, fn) -> Prediction:  # noqa: ANN001 - a tensor
 
     return Prediction({k: fn(v) for k, v in pred.latents.items()}, pred.per_task, f(pred.mean), f(pred.stddev),
                       f(pred.log_lik), f(pred.y_draws), pred.gaussian, pred.inner_plates, f(pred.support_log_lik),
-                      f(pred.log_weights))
+                      f(pred.log_weights), pred.joint)
 
 
 def finite_tasks(pred: Prediction) -> Tensor:
@@ -322,7 +328,7 @@ def _select_tasks(pred: Prediction, keep: Tensor) -> Prediction:
     latents = {k: (v[:, keep] if k in pred.per_task else v) for k, v in pred.latents.items()}
     return Prediction(latents, pred.per_task, sel(pred.mean), sel(pred.stddev), sel(pred.log_lik),
                       sel(pred.y_draws), pred.gaussian, pred.inner_plates, sel(pred.support_log_lik),
-                      sel(pred.log_weights))
+                      sel(pred.log_weights), pred.joint)
 
 
 def predictive_quantile(pred: Prediction, p: float) -> Tensor:
@@ -405,6 +411,10 @@ def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str
     out["crps"] = M.mean_ci(predictive_crps(pred, y))
     out["calibration_error"] = {**M.pit_calibration_error(predictive_pit(pred, y)), "tasks": int(y.shape[0])}
     out["heldout_lpd"] = M.heldout_lpd(_points(pred.log_lik), pred.log_weights)
+    if not pred.joint:  # per-point mixtures are no joint draws: only the pointwise sum is a density there
+        h = out["heldout_lpd"]
+        out["heldout_lpd"] = {**h, "total": h["pointwise_total"], "per_point": h["pointwise_total"] / h["points"],
+                              "se": float("nan"), "per_point_se": float("nan"), "mc_se": 0.0, "joint": False}
     out["calibration"] = M.calibration_curve(coverage, levels)
     out["nonfinite_tasks"] = {"count": bad, "of": batch.num_tasks}
     return out
@@ -465,12 +475,4 @@ def evaluate(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, see
         pred = _sharded_predict(learner, batch, num_samples, seed, task_chunk, ctx)
     if batch.is_classification:
         return classification_metrics(pred, batch), pred
-    metrics = regression_metrics(pred, batch)
-    if getattr(getattr(learner, "model", None), "pointwise_only", False):
-        # per-point mixtures (the reference rows' strata) are no joint draws: only the pointwise sum is
-        # a log predictive density there
-        h = metrics["heldout_lpd"]
-        per_point = h["pointwise_total"] / h["points"]
-        metrics["heldout_lpd"] = {**h, "total": h["pointwise_total"], "per_point": per_point, "se": float("nan"),
-                                  "per_point_se": float("nan"), "mc_se": 0.0, "joint": False}
-    return metrics, pred
+    return regression_metrics(pred, batch), pred

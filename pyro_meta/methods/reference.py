@@ -22,9 +22,9 @@ REFERENCE_BENCHMARKS = ("sinusoid_line",)
 
 def _builder(kind: str):  # noqa: ANN202 - a build function
     def build(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
-        from ..tasks.registry import _FAMILIES
+        from ..tasks.registry import family_of
 
-        model = ReferenceModel(_FAMILIES[cfg.benchmark](), kind, GRID_POINTS, COMPONENTS)
+        model = ReferenceModel(family_of(cfg.benchmark), kind, GRID_POINTS, COMPONENTS)
         return MetaLearner(model, NoLatentGuide(), name=kind, protocol=_protocol(kind)(cfg))
     return build
 

@@ -97,6 +97,11 @@ class Benchmark:
         return self.classification
 
 
+def family_of(name: str) -> RegressionFamily | TaskFamily | None:
+    """The task family of a regression benchmark, built-in or a user's import path; ``None`` if unknown."""
+    return _FAMILIES[name]() if name in _FAMILIES else custom_family(name)
+
+
 def all_benchmarks() -> dict[str, str]:
     """Name -> description of the built-in benchmarks and those registered in this process."""
     return {**BENCHMARKS, **registered_benchmarks()}
@@ -162,7 +167,7 @@ def get_benchmark(
                                 f"{name!r}")
         return _omniglot(shots, queries, meta_batch, eval_queries, num_val_tasks, num_test_tasks, seed,
                          ways or 5, data_root, split or "vinyals")
-    family = _FAMILIES[name]() if name in _FAMILIES else custom_family(name)
+    family = family_of(name)
     if family is None:
         raise ProtocolError(f"unknown benchmark {name!r}; known: {', '.join(sorted(all_benchmarks()))}, or a task "
                             "function's import path 'module:function'")
