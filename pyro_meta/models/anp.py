@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tasks import TaskBatch
-from .base import tasks_plate
-from .cnp import GaussianDecoder, mlp, observe_gaussian
+from .base import mlp, tasks_plate
+from .cnp import GaussianDecoder, observe_gaussian
 
 LATENT_STD_MIN = 0.1  # z's std is 0.1 + 0.9 sigmoid(raw): bounded away from 0 (a KL that cannot blow up) [2]
 

@@ -11,6 +11,7 @@ the ArviZ export can add a samples dimension on the left):
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -155,3 +156,15 @@ class WeightSpaceModel(nn.Module):
             with masked(self.score != "support"):
                 observe("y_query", self.likelihood, f_query, batch.y_query, self.mean_over_points)
         return phi
+
+
+def mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with ReLU between them (none after the last)."""
+    if len(sizes) < 2 or any(not (isinstance(s, int) and s >= 1) for s in sizes):
+        raise ValueError(f"mlp sizes must be at least two positive integers, got {list(sizes)!r}")
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)

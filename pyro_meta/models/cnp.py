@@ -28,21 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tasks import TaskBatch
-from .base import POINT_DIM, full_plate, tasks_plate
+from .base import POINT_DIM, full_plate, mlp, tasks_plate
 
 MIN_STD = 0.01  # the decoder's std floor (the peer figures of issue 27 used it)
-
-
-def mlp(sizes: Sequence[int]) -> nn.Sequential:
-    """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with ReLU between them (none after the last)."""
-    if len(sizes) < 2 or any(not (isinstance(s, int) and s >= 1) for s in sizes):
-        raise ValueError(f"mlp sizes must be at least two positive integers, got {list(sizes)!r}")
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 def broadcast_cat(parts: Sequence[Tensor]) -> Tensor:

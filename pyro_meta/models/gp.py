@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tasks import TaskBatch
-from .base import POINT_DIM, full_plate, tasks_plate
+from .base import POINT_DIM, full_plate, mlp, tasks_plate
 
 JITTER = 1e-5  # added to the noise variance on the diagonal: float32 Choleskys of 10 x 10 kernels need it
 MIN_NOISE_VAR = 1e-4  # the learned noise variance's floor (a noiseless GP overfits the support)
@@ -159,14 +159,8 @@ class DeepKernel(BatchedKernel):
 
     def __init__(self, input_dim: int, hidden: Sequence[int], base: BatchedKernel | None = None):
         super().__init__()
-        sizes = [input_dim, *hidden]
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
-        self.features = nn.Sequential(*layers)
-        self.base = base if base is not None else RBF(sizes[-1])
+        self.features = mlp([input_dim, *hidden])
+        self.base = base if base is not None else RBF(hidden[-1])
 
     def forward(self, X: Tensor, Z: Tensor) -> Tensor:
         return self.base(self.features(X), self.features(Z))
