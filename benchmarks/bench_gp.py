@@ -4,7 +4,7 @@ ways of batching a meta-batch's GPs in plain torch.
 
 Both training loops: SinusoidLine tasks (5 shots, 5 queries, 25 tasks per step, drawn with
 ``pyro_meta.tasks.regression.SinusoidLine``), the loss ``-mean_t log p(y_support, y_query)`` under a GP with
-RBF + linear + 5 periodic kernels, a constant mean and a learned noise, Adam at the method's rate, gradient
+RBF + linear + 5 periodic + 5 cosine kernels, a constant mean and a learned noise, Adam at the method's rate, gradient
 norm clipped at 10 (``fit``'s default), one torch thread. The plain loop writes the kernel and the joint
 Gaussian density itself (``MultivariateNormal`` with a batched Cholesky factor) and must have the library's
 parameter count.
@@ -43,7 +43,7 @@ def raw(v: float) -> nn.Parameter:
 
 
 class PlainGP(nn.Module):
-    """RBF + linear + periodic components, constant mean, noise; every positive value a softplus."""
+    """RBF + linear + periodic + cosine components, constant mean, noise; every positive value a softplus."""
 
     def __init__(self, periods=DEFAULT_PERIODS):  # noqa: ANN001 - a sequence of floats
         super().__init__()
@@ -52,6 +52,8 @@ class PlainGP(nn.Module):
         self.lin = nn.ParameterList([raw(1.0), raw(1.0)])  # variance, bias
         self.per = nn.ParameterList([nn.Parameter(torch.stack([raw(1.0 / c), raw(1.0), raw(p)]).detach())
                                      for p in periods])  # variance, lengthscale, period
+        self.cos = nn.ParameterList([nn.Parameter(torch.stack([raw(1.0 / c), raw(p)]).detach())
+                                     for p in periods])  # variance, period
         self.noise = raw(0.3**2 - MIN_NOISE_VAR)
         self.mean = nn.Parameter(torch.zeros(()))
 
@@ -64,6 +66,9 @@ class PlainGP(nn.Module):
         for p in self.per:
             pv, pl, pp = F.softplus(p).unbind()
             k = k + pv * torch.exp(-2 * (torch.sin(math.pi * d / pp) / pl) ** 2)
+        for c in self.cos:
+            cv, cp = F.softplus(c).unbind()
+            k = k + cv * torch.cos(2 * math.pi * d / cp)
         eye = torch.eye(x.shape[-2], dtype=x.dtype)
         return k + (MIN_NOISE_VAR + F.softplus(self.noise) + JITTER) * eye
 
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores (shared), "
         f"one torch thread; Python {sys.version.split()[0]}, torch {torch.__version__}.",
         f"Both: SinusoidLine, 5 shots, 5 queries, 25 tasks per step, Adam {lr:g}, gradient norm clipped at 10, task "
-        "drawing included; RBF + linear + 5 periodic kernels, constant mean, learned noise "
+        "drawing included; RBF + linear + 5 periodic + 5 cosine kernels, constant mean, learned noise "
         f"({lib_params} parameters). Library: `fit` on the Pyro program (LeanTrace_ELBO, empty guide; support "
         "factor, per-point y_query site and the joint-correction factor), no run directory. Plain: "
         "`MultivariateNormal(scale_tril=cholesky(K + s^2 I)).log_prob` of support and query together.",

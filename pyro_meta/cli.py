@@ -37,7 +37,7 @@ TRAIN_FLAGS = {
     "prior_init_std_hidden": "prior_init_std_hidden", "particles": "particles", "leader_steps": "leader_steps",
     "precision_lr_factor": "precision_lr_factor", "bandwidth_factor": "bandwidth_factor",
     "train_tasks": "train_tasks", "micro_batches": "micro_batches", "precision": "precision",
-    "kernel": "kernel",
+    "kernel": "kernel", "gp_mean": "gp_mean",
 }
 # CLI flag -> key of the lr_schedule object (pyro_meta.schedule)
 SCHEDULE_FLAGS = {"lr_schedule": "name", "lr_warmup": "warmup_steps", "lr_gamma": "gamma", "lr_every": "every",
@@ -94,6 +94,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kernel", choices=["sum", "deep"], default=S,
                    help="GP: sum (RBF + linear + periodic components, default) or deep (an RBF on a feature "
                         "MLP of widths --hidden, Deep Kernel Transfer)")
+    p.add_argument("--gp-mean", dest="gp_mean", choices=["constant", "mlp"], default=S,
+                   help="GP: the mean function, constant (a learned constant, default) or mlp (a learned MLP of "
+                        "x of widths --encoder-hidden, as PACOH-GP)")
     p.add_argument("--amortize", choices=["all", "last"], default=S,
                    help="amortized VI: a Gaussian over every weight (all) or over the last layer only")
     p.add_argument("--encoder-hidden", dest="encoder_hidden", type=int, nargs="+", default=S,

@@ -30,6 +30,7 @@ import torch
 from .config import ConfigError, RunConfig
 from .io import atomic_write_json
 from .methods import METHODS, regression_methods, resolve
+from .models.reference import ORACLE_NONE
 from .metrics import Z95
 from .plots import plot_ambiguous_tasks, plot_calibration_curves
 from .run import load_run, run_many
@@ -49,6 +50,10 @@ AMBIGUOUS_BENCHMARK = "sinusoid_line"
 FUNCTION_DRAWS = 5
 # rows that are a registered method with an objective other than its default: row name -> settings
 ROW_VARIANTS: dict[str, dict[str, Any]] = {"bfa": {"method": "bmaml", "objective": "bfa"}}
+# the reference rows of every cell: no training (pyro_meta.methods.reference), evaluated on the same test tasks
+REFERENCE_ROWS = ("prior", "oracle")
+# the scoreboard's settings that the reference rows use (they have no network, optimizer or training tasks)
+REFERENCE_SETTINGS = ("eval_queries", "device", "num_val_tasks")
 __all__ = ["ROW_VARIANTS", "row_methods", "BENCHMARKS", "FULL_STEPS", "MODES", "SHOTS", "add_arguments", "run_scoreboard", "scoreboard_command",
            "scoreboard_from_args", "scoreboard_jobs", "scoreboard_markdown", "wall_budgets"]
 
@@ -100,6 +105,29 @@ def _check(jobs: dict[str, dict[str, Any]]) -> None:
         if cfg["method"] not in METHODS:  # a row variant names a registered method
             raise ConfigError(f"unknown method {cfg['method']!r}; known: {', '.join(sorted(METHODS))}")
         resolve(RunConfig.from_dict(cfg, source="scoreboard settings"))
+
+
+def reference_jobs(benchmarks: list[str], shots: list[int], seed: int, num_test_tasks: int,
+                   settings: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The reference rows (:data:`REFERENCE_ROWS`) of every (benchmark, shots) cell: ``run name -> RunConfig
+    settings`` of those that exist, and a row saying why for those that do not (the oracle of a family with
+    noiseless query targets)."""
+    jobs, missing = {}, []
+    for bench in benchmarks:
+        for k in shots:
+            for row in REFERENCE_ROWS:
+                cfg = {"benchmark": bench, "method": row, "shots": k, "steps": 0, "seed": seed,
+                       "num_test_tasks": num_test_tasks, "threads": 1,
+                       **{key: v for key, v in settings.items() if key in REFERENCE_SETTINGS}}
+                try:
+                    resolve(RunConfig.from_dict(cfg, source="scoreboard reference row"))
+                except ConfigError as e:
+                    why = (ORACLE_NONE if "point mass" in str(e) else str(e).splitlines()[0]).replace("|", "/")
+                    missing.append({"benchmark": bench, "shots": k, "method": row, "mode": "reference",
+                                    "unavailable": why})
+                    continue
+                jobs[_run_name(bench, k, "reference", row)] = cfg
+    return jobs, missing
 
 
 def run_info(run_dir: Path) -> dict[str, Any]:
@@ -166,7 +194,7 @@ def run_scoreboard(out: str | Path, methods: list[str] | None = None, benchmarks
                    mode: str = "both", wall_seconds: float | None = None, wall_from: str = "median",
                    workers: int = 2, num_test_tasks: int = 600, seed: int = 0,
                    settings: dict[str, Any] | None = None, progress: bool = True,
-                   command: str | None = None) -> dict[str, Any]:
+                   command: str | None = None, references: bool = True) -> dict[str, Any]:
     """Train and score every method on every (benchmark, shots) cell; write the scoreboard.
 
     :param methods: default :func:`~pyro_meta.methods.regression_methods` (every registered one).
@@ -180,6 +208,8 @@ def run_scoreboard(out: str | Path, methods: list[str] | None = None, benchmarks
     :param num_test_tasks: fixed test tasks per cell (100 query points each, the benchmark's).
     :param settings: RunConfig settings applied to every run (e.g. ``{"hidden": [8]}``).
     :param command: the command line to print at the top of ``scoreboard.md``.
+    :param references: the reference rows ``prior`` and ``oracle`` (no training; the exact prior and
+        posterior predictives where the family allows them) in every table.
     :returns: the content of ``scoreboard.json``.
     """
     t0 = time.perf_counter()
@@ -206,12 +236,18 @@ def run_scoreboard(out: str | Path, methods: list[str] | None = None, benchmarks
     jobs = scoreboard_jobs(methods, benchmarks, shots, steps, dict(settings or {}), seed, num_test_tasks)
     _check(jobs)
     rows, budgets = _train(jobs, modes, wall_seconds, wall_from, out / "runs", workers, progress)
+    if references:
+        ref, missing = reference_jobs(benchmarks, shots, seed, num_test_tasks, dict(settings or {}))
+        _note(progress, f"{len(ref)} reference rows (no training) into {out / 'runs'}")
+        done = run_many(ref, out / "runs", workers, verbose=progress)
+        rows += [_row(name, cfg, "reference", done[name], out / "runs") for name, cfg in ref.items()] + missing
     board = {
         "command": command, "machine": machine_text(),
         "settings": {"methods": methods, "benchmarks": benchmarks, "shots": shots, "modes": list(modes),
                      "budget": budget, "full_steps": FULL_STEPS, "steps": steps, "wall_seconds": wall_seconds,
                      "wall_from": None if wall_seconds is not None else wall_from, "workers": workers,
-                     "num_test_tasks": num_test_tasks, "seed": seed, "settings": dict(settings or {})},
+                     "num_test_tasks": num_test_tasks, "seed": seed, "settings": dict(settings or {}),
+                     "references": references},
         "wall_budgets": [{"benchmark": b, "shots": k, "seconds": s} for (b, k), s in sorted(budgets.items())],
         "rows": rows, "figures": {},
     }
@@ -345,7 +381,11 @@ def _calibration_error_text(cal: dict[str, Any] | None) -> str:
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| " + " | ".join(COLUMNS) + " |", "| " + " | ".join("---" for _ in COLUMNS) + " |"]
-    for r in sorted(rows, key=lambda r: r["shots"]):
+    for r in sorted(rows, key=lambda r: (r["shots"], r["mode"] != "reference")):
+        if "unavailable" in r:
+            lines.append(f"| {r['method']} (reference) | {r['shots']} | none: {r['unavailable']} |"
+                         + " |" * (len(COLUMNS) - 3))
+            continue
         if "error" in r:
             why = (r["error"].splitlines() or [""])[0].replace("|", "/")
             lines.append(f"| {r['method']} | {r['shots']} | failed: {why} |" + " |" * (len(COLUMNS) - 3))
@@ -353,7 +393,8 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
         m = r["metrics"]
         rate = r.get("tasks_per_second")
         bad = (m.get("nonfinite_tasks") or {}).get("count", 0)
-        cells = [r["method"] + (f" ({bad} diverged test tasks left out)" if bad else ""), str(r["shots"]),
+        name = r["method"] + (" (reference)" if r["mode"] == "reference" else "")
+        cells = [name + (f" ({bad} diverged test tasks left out)" if bad else ""), str(r["shots"]),
                  str(r["steps"]), _pm(m["mse"]), _pm(m["nll"]), _pm(m["heldout_lpd_per_point"]),
                  _pm(m["coverage50"], 2), _pm(m["coverage90"], 2), _pm(m.get("crps")),
                  _calibration_error_text(m.get("calibration_error")), f"{m['calibration']['gap']:.3f}",
@@ -383,12 +424,16 @@ def scoreboard_markdown(board: dict[str, Any]) -> str:
               "whose PIT F(y) is <= q, over 20 levels q from 0.05 to 0.95; calibration gap: mean |observed - nominal| "
               "coverage over the levels 0.05, 0.10, ..., 0.95 (calibration.png); train wall time: seconds in "
               "the training loop (evaluation not included); tasks/s: training tasks per second "
-              "(steps x meta-batch / train wall time).", ""]
+              "(steps x meta-batch / train wall time). Rows marked (reference) are not trained: `prior` is the "
+              "family's exact prior predictive (it ignores the support set), `oracle` the exact posterior "
+              "predictive given the support (pyro_meta.methods.reference); a method worse than `prior` has not "
+              "learned to use its support.", ""]
     for bench in s["benchmarks"]:
         for mode in ("iterations", "wall"):
             rows = [r for r in board["rows"] if r["benchmark"] == bench and r["mode"] == mode]
             if not rows:
                 continue
+            rows = [r for r in board["rows"] if r["benchmark"] == bench and r["mode"] == "reference"] + rows
             head = f"## {bench}, equal iterations ({s['steps']} steps)" if mode == "iterations" else \
                 f"## {bench}, equal wall time"
             if mode == "iterations" and mode not in s["modes"]:
@@ -432,7 +477,7 @@ def _wall_text(board: dict[str, Any]) -> str:
 def scoreboard_command(prog: str, methods: list[str] | None, benchmarks: list[str], shots: list[int],
                        budget: float, steps: int | None, mode: str, wall_seconds: float | None, wall_from: str,
                        workers: int, num_test_tasks: int, seed: int, settings: dict[str, Any] | None,
-                       out: str | Path) -> str:
+                       out: str | Path, references: bool = True) -> str:
     """The command line (``prog`` plus every setting spelled out) that reproduces a scoreboard."""
     parts = [prog, "--methods", *(methods or row_methods()), "--benchmarks", *benchmarks,
              "--shots", *map(str, shots)]
@@ -442,6 +487,8 @@ def scoreboard_command(prog: str, methods: list[str] | None, benchmarks: list[st
     parts += ["--workers", str(workers), "--test-tasks", str(num_test_tasks), "--seed", str(seed)]
     if settings:
         parts += ["--set", "'" + json.dumps(settings) + "'"]
+    if not references:
+        parts.append("--no-references")
     return " ".join(parts + ["--out", str(out)])
 
 
@@ -474,6 +521,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--set", dest="settings", default=None,
                    help='JSON RunConfig settings for every run, e.g. \'{"hidden": [8]}\'')
     p.add_argument("--out", type=Path, default=Path("runs/scoreboard"), help="output folder (runs/scoreboard)")
+    p.add_argument("--no-references", dest="no_references", action="store_true",
+                   help="leave out the reference rows prior and oracle (the exact predictives; no training)")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="no status lines on stderr")
 
 
@@ -488,6 +537,7 @@ def scoreboard_from_args(args: Any, prog: str) -> dict[str, Any]:
         raise ConfigError(f"--set must be a JSON object of RunConfig settings, got {args.settings!r}")
     kw = {"methods": args.methods, "benchmarks": args.benchmarks, "shots": args.shots, "budget": args.budget,
           "steps": args.steps, "mode": args.mode, "wall_seconds": args.wall_seconds, "wall_from": args.wall_from,
-          "workers": args.workers, "num_test_tasks": args.test_tasks, "seed": args.seed, "settings": settings}
+          "workers": args.workers, "num_test_tasks": args.test_tasks, "seed": args.seed, "settings": settings,
+          "references": not args.no_references}
     command = scoreboard_command(prog, **kw, out=args.out)
     return run_scoreboard(args.out, **kw, progress=not args.no_progress, command=command)

@@ -88,6 +88,9 @@ class RunConfig:
     bandwidth_factor: float | None = None  # BMAML: the kernel's median bandwidth x this (1: the authors')
     # GP: "sum" (RBF + linear + periodic components) or "deep" (an RBF on a feature MLP of widths `hidden`)
     kernel: str | None = None
+    # GP: the mean function, "constant" (a learned constant) or "mlp" (a learned MLP of x of widths
+    # encoder_hidden, shared by all tasks, as PACOH-GP's learned mean)
+    gp_mean: str | None = None
     # evaluation
     eval_samples: int | None = None
     # run
@@ -198,7 +201,8 @@ class RunConfig:
         for name, choices in (("split", ("vinyals", "lake")), ("downsample", ("maxpool", "stride")),
                               ("batch_norm", ("task", "none")), ("kl_estimator", ("mc", "analytic")),
                               ("amortize", ("all", "last")), ("inner_step", ("sgd", "natural")),
-                              ("kernel", ("sum", "deep"))):
+                              ("kernel", ("sum", "deep")),
+                              ("gp_mean", ("constant", "mlp"))):
             v = getattr(self, name)
             want(v is None or v in choices, name, f"one of {list(choices)} or null")
         want(self.data_root is None or isinstance(self.data_root, str), "data_root", "a path string or null")

@@ -199,6 +199,15 @@ def test_compare_cli_tiny(tmp_path):
             assert sum(line.startswith(f"| {method} | {k} |") for line in text.splitlines()) == 2  # both modes
     board = json.loads((out / "scoreboard.json").read_text())
     rows = _rows(board)
+    # the reference rows: evaluated once per cell, shown in both tables, the oracle far ahead of the prior
+    ref = {key: rows.pop(key) for key in list(rows) if key[2] == "reference"}
+    assert set(ref) == {(m, k, "reference") for m in ("prior", "oracle") for k in (1, 2)}
+    for k in (1, 2):
+        assert ref[("oracle", k, "reference")]["metrics"]["nll"]["mean"] < ref[("prior", k, "reference")]["metrics"][
+            "nll"]["mean"]
+        assert ref[("prior", k, "reference")]["steps"] == 0
+        for m in ("prior", "oracle"):
+            assert sum(line.startswith(f"| {m} (reference) | {k} | 0 |") for line in text.splitlines()) == 2
     assert set(rows) == {(m, k, mode) for m in ("maml", "abml") for k in (1, 2) for mode in ("iterations", "wall")}
     budgets = {b["shots"]: b["seconds"] for b in board["wall_budgets"]}
     for (_, k, mode), row in rows.items():
@@ -231,11 +240,12 @@ def test_scoreboard_script_tiny_and_restart(tmp_path):
     out = tmp_path / "sb"
     args = [REPO / "experiments/scoreboard.py", "--methods", "maml", "--benchmarks", "sinusoid", "--shots", 2,
             "--steps", 2, "--mode", "both", "--wall-seconds", 0.5, "--test-tasks", 4,
-            "--set", json.dumps({"hidden": [8], "eval_queries": 10}), "--out", out, "--no-progress"]
+            "--set", json.dumps({"hidden": [8], "eval_queries": 10}), "--out", out, "--no-progress", "--no-references"]
     r = _run(args, tmp_path)
     text = (out / "scoreboard.md").read_text()
     assert text.strip() == r.stdout.strip()
     assert "Command: `python experiments/scoreboard.py --methods maml" in text and "--wall-seconds 0.5" in text
+    assert "--no-references" in text and "(reference)" not in text.split("Columns:")[1].split("\n\n", 1)[1]
     assert "Time budget per run: 2-shot 0.5 s." in text
     rows = _rows(json.loads((out / "scoreboard.json").read_text()))
     assert set(rows) == {("maml", 2, "iterations"), ("maml", 2, "wall")}
@@ -245,7 +255,7 @@ def test_scoreboard_script_tiny_and_restart(tmp_path):
     # started again (here in-process, as the script calls it): the finished runs are read, not retrained
     board = run_scoreboard(out, methods=["maml"], benchmarks=["sinusoid"], shots=[2], steps=2, mode="both",
                            wall_seconds=0.5, num_test_tasks=4, settings={"hidden": [8], "eval_queries": 10},
-                           progress=False)
+                           progress=False, references=False)
     assert _rows(board) == rows
     assert all(p.read_bytes() == b for p, b in ckpts.items())
 
@@ -262,8 +272,14 @@ def test_row_variants_bmaml_and_bfa(tmp_path):
                            mode="iterations", workers=1, num_test_tasks=4,
                            settings={"hidden": [8], "eval_queries": 10, "particles": 2}, progress=False)
     rows = _rows(board)
-    assert set(rows) == {("bmaml", 2, "iterations"), ("bfa", 2, "iterations")}
+    # sinusoid's reference rows: the prior, and an oracle that does not exist (noiseless targets: a point mass)
+    assert set(rows) == {("bmaml", 2, "iterations"), ("bfa", 2, "iterations"), ("prior", 2, "reference"),
+                         ("oracle", 2, "reference")}
+    assert "point mass" in rows[("oracle", 2, "reference")]["unavailable"]
+    assert math.isfinite(rows[("prior", 2, "reference")]["metrics"]["nll"]["mean"])
+    del rows[("prior", 2, "reference")], rows[("oracle", 2, "reference")]
     objectives = {r: json.loads((out / "runs" / rows[(r, 2, "iterations")]["run"] / "config.json").read_text())
                   ["objective"] for r in ("bmaml", "bfa")}
     assert objectives == {"bmaml": "chaser", "bfa": "bfa"}
-    assert "| bfa | 2 |" in (out / "scoreboard.md").read_text()
+    text = (out / "scoreboard.md").read_text()
+    assert "| bfa | 2 |" in text and "| oracle (reference) | 2 | none: noiseless query targets" in text

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from ..config import ConfigError, RunConfig
+from ..config import REFERENCE_METHODS, ConfigError, RunConfig
 from ..learner import MetaLearner
 from ..schedule import normalize_schedule
 from ..tasks import BENCHMARKS, CLASSIFICATION_BENCHMARKS, all_benchmarks, is_known_benchmark
@@ -31,7 +31,7 @@ METHOD_FIELDS = ("inner_steps", "inner_steps_eval", "inner_lr", "noise_std", "le
                  "objective", "train_samples", "local_reparam", "eval_samples", "kl_estimator", "gamma_init",
                  "encoder_hidden", "amortize", "learned_prior", "inner_step",
                  "hyperprior_weight", "prior_init_std_hidden", "particles", "leader_steps",
-                 "precision_lr_factor", "bandwidth_factor", "kernel")
+                 "precision_lr_factor", "bandwidth_factor", "kernel", "gp_mean")
 # Settings that only classification benchmarks (images) have.
 CLASSIFICATION_FIELDS = ("ways", "data_root", "split", "filters", "downsample", "batch_norm")
 
@@ -40,8 +40,9 @@ __all__ = ["METHODS", "METHOD_FIELDS", "MethodInfo", "build_learner", "get_metho
 
 
 def regression_methods() -> list[str]:
-    """The methods that run on the regression benchmarks (the scoreboard's rows)."""
-    return [name for name, m in METHODS.items() if "sinusoid" in m.benchmarks]
+    """The methods that train on the regression benchmarks (the scoreboard's rows; the reference rows
+    ``prior`` and ``oracle``, which do not train, are :data:`~pyro_meta.config.REFERENCE_METHODS`)."""
+    return [name for name, m in METHODS.items() if "sinusoid" in m.benchmarks and name not in REFERENCE_METHODS]
 
 
 def protocol_defaults(benchmark: str, method: str, ways: int | None, shots: int) -> dict[str, Any]:

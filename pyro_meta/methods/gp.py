@@ -18,6 +18,8 @@ from ..infer import LeanTrace_ELBO
 from ..learner import MetaLearner
 from ..models.gp import (
     DEFAULT_PERIODS,
+    ConstantMean,
+    MLPMean,
     JITTER,
     KERNEL_CHOICES,
     MIN_NOISE_VAR,
@@ -39,7 +41,8 @@ def build(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
     torch.manual_seed(cfg.seed)  # the deep kernel's nn.Linear layers draw their weights from the global RNG
     x_dim = net.sizes[0]  # the benchmark's task MLP gives the input width (custom families included)
     kernel = DeepKernel(x_dim, cfg.hidden) if cfg.kernel == "deep" else sum_kernel(x_dim)
-    model = GPModel(kernel, noise_var=cfg.noise_std**2)
+    mean = MLPMean(x_dim, cfg.encoder_hidden, net.sizes[-1]) if cfg.gp_mean == "mlp" else ConstantMean()
+    model = GPModel(kernel, noise_var=cfg.noise_std**2, mean=mean)
     # no latent site: LeanTrace_ELBO's loss is -log p(y_support, y_query) per task, with no sampling
     return MetaLearner(model, NoLatentGuide(), LeanTrace_ELBO(), name="gp", protocol=protocol(cfg))
 
@@ -64,14 +67,15 @@ def protocol(cfg: RunConfig) -> dict[str, Any]:
                            "var_q) (the joint conditional); the guide is empty (no latent site), so Trace_ELBO is "
                            "exactly -log p(y_support, y_query)",
         "kernel": kernel_text(cfg),
-        "mean": "a learned constant",
+        "mean": (f"a learned MLP of x {[*cfg.encoder_hidden]} (ReLU between layers), shared by all tasks (PACOH-GP's "
+                 "learned mean)" if cfg.gp_mean == "mlp" else "a learned constant"),
         "noise": f"learned variance {MIN_NOISE_VAR:g} + softplus(r), initialized at {cfg.noise_std:g}^2; jitter "
                  f"{JITTER:g} on the diagonal of each Cholesky",
         "hyperparameters": "softplus of unconstrained parameters, shared by all tasks",
         "batching": "a batched kernel over [T, N, D] (broadcast differences), one batched Cholesky of the "
                     "(S + Q) x (S + Q) covariance per task; no loop over tasks",
         "predictive": "exact GP posterior per query point, N(mu_q, var_q + noise) (eval_samples 1)",
-        "network": {"type": "gp", "kernel": cfg.kernel, **({"features": [*cfg.hidden]} if cfg.kernel == "deep" else {})},
+        "network": {"type": "gp", "kernel": cfg.kernel, "mean": cfg.gp_mean, **({"features": [*cfg.hidden]} if cfg.kernel == "deep" else {})},
         "batch_norm": "none",
         "outer_scored_sets": "support+query",
         "outer_loop": f"Adam {cfg.meta_lr:g}, {cfg.meta_batch} tasks per meta-batch, {cfg.steps} steps",
@@ -79,7 +83,8 @@ def protocol(cfg: RunConfig) -> dict[str, Any]:
 
 
 def defaults(benchmark: str, ways: int | None, shots: int) -> dict[str, Any]:
-    return {"kernel": "sum", "noise_std": 0.3, "eval_samples": 1}  # the predictive is exact: one pass
+    # the predictive is exact: one pass; encoder_hidden: the widths of the MLP mean (gp_mean "mlp")
+    return {"kernel": "sum", "gp_mean": "constant", "encoder_hidden": [32, 32], "noise_std": 0.3, "eval_samples": 1}
 
 
 def check(cfg: RunConfig) -> dict[str, Any]:

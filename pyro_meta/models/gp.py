@@ -4,7 +4,7 @@ Every task ``t`` is a draw of one GP whose hyperparameters are shared by all tas
 summed marginal likelihood of the training tasks (empirical Bayes across tasks, as in Deep Kernel
 Transfer [1] without the network, or with it: ``kernel="deep"``)::
 
-    f_t ~ GP(m, k_theta)                         m a learned constant, k_theta a sum of kernels
+    f_t ~ GP(m, k_theta)                         m a learned constant (or MLP), k_theta a sum of kernels
     y_tn = f_t(x_tn) + eps,  eps ~ N(0, s^2)     s^2 learned
 
 The model conditions on the support analytically. One Cholesky factor ``L`` of the joint covariance
@@ -119,22 +119,70 @@ class Linear(BatchedKernel):
 
 
 class Periodic(BatchedKernel):
-    """``v exp(-2 sum_d sin^2(pi (x_d - z_d) / p)^2 / l^2)`` (MacKay's periodic kernel, as in
-    pyro.contrib.gp), one period and lengthscale shared by the features."""
+    """``sum_k v_k exp(-2 sum_d sin^2(pi (x_d - z_d) / p_k) / l_k^2)``: a bank of ``K`` of MacKay's periodic
+    kernels (each as in pyro.contrib.gp, one period and lengthscale shared by the features), computed from
+    one broadcast of the differences instead of ``K`` modules (``benchmarks/RESULTS_gp.md``: the step's
+    cost). Scalars give one component."""
 
-    def __init__(self, variance: float = 1.0, lengthscale: float = 1.0, period: float = 6.0):
+    def __init__(self, variance: float | Sequence[float] = 1.0, lengthscale: float | Sequence[float] = 1.0,
+                 period: float | Sequence[float] = 6.0):
         super().__init__()
-        self.raw_variance, self.raw_lengthscale = positive(variance), positive(lengthscale)
-        self.raw_period = positive(period)
+        k = max(len(v) if isinstance(v, Sequence) else 1 for v in (variance, lengthscale, period))
+
+        def vec(v: float | Sequence[float]) -> list[float]:
+            return list(v) if isinstance(v, Sequence) else [float(v)] * k
+
+        self.raw_variance, self.raw_lengthscale = positive(vec(variance)), positive(vec(lengthscale))
+        self.raw_period = positive(vec(period))
 
     def forward(self, X: Tensor, Z: Tensor) -> Tensor:
-        d = X.unsqueeze(-2) - Z.unsqueeze(-3)  # ..., N, M, D
-        s = torch.sin(math.pi * d / F.softplus(self.raw_period)) / F.softplus(self.raw_lengthscale)
-        return F.softplus(self.raw_variance) * torch.exp(-2 * (s * s).sum(-1))
+        d = (X.unsqueeze(-2) - Z.unsqueeze(-3)).unsqueeze(-1)  # ..., N, M, D, 1
+        s = torch.sin(math.pi * d / F.softplus(self.raw_period)) / F.softplus(self.raw_lengthscale)  # ..., D, K
+        return (F.softplus(self.raw_variance) * torch.exp(-2 * (s * s).sum(-2))).sum(-1)  # ..., N, M
+
+    def components(self) -> list[dict]:
+        """Each component's ``variance``, ``lengthscale`` and ``period``."""
+        v, ls, p = (F.softplus(r.detach()).reshape(-1).tolist()
+                    for r in (self.raw_variance, self.raw_lengthscale, self.raw_period))
+        k = max(len(v), len(ls), len(p))
+        pick = lambda a, i: a[i] if len(a) > 1 else a[0]  # noqa: E731 - a 0-dim value serves every component
+        return [{"variance": pick(v, i), "lengthscale": pick(ls, i), "period": pick(p, i)} for i in range(k)]
 
     def describe(self) -> dict:
-        return {"type": "periodic", "variance": value(self.raw_variance),
-                "lengthscale": value(self.raw_lengthscale), "period": value(self.raw_period)}
+        return {"type": "periodic", "components": self.components()}
+
+
+class Cosine(BatchedKernel):
+    """``sum_k v_k cos(2 pi w_k . (x - z))``: a bank of ``K`` cosine kernels (spectral components of zero
+    bandwidth, Wilson & Adams's spectral mixture kernel in the limit), each the covariance of
+    ``a sin(2 pi w.x) + b cos(2 pi w.x)`` with independent ``a, b ~ N(0, v)``: a random sinusoid of one
+    frequency vector ``w_k = 1 / p_k`` (elementwise; the periods ``p_k [K, D]`` learned through a softplus,
+    so the frequencies are positive: in several dimensions a direction such as ``(1, -1)`` is not covered).
+    In one dimension it is pyro.contrib.gp's ``Cosine`` with lengthscale ``p / (2 pi)``.
+
+    Unlike the periodic kernel it has no higher harmonics: on ``sinusoid_line`` it took the GP's test NLL
+    from 0.969 (RBF + linear + periodic) to 0.888 (``benchmarks/RESULTS_gp.md``)."""
+
+    def __init__(self, input_dim: int, periods: Sequence[float], variance: float | None = None):
+        super().__init__()
+        k = len(periods)
+        self.raw_variance = positive([1.0 / k if variance is None else variance] * k)
+        # each component's frequency vector starts along the diagonal, |w| = 1 / period
+        self.raw_period = positive([[p * math.sqrt(input_dim)] * input_dim for p in periods])  # K D
+
+    def forward(self, X: Tensor, Z: Tensor) -> Tensor:
+        w = 2 * math.pi / F.softplus(self.raw_period)  # K D, angular frequencies
+        d = X.unsqueeze(-2) - Z.unsqueeze(-3)  # ..., N, M, D
+        return (F.softplus(self.raw_variance) * torch.cos(d @ w.T)).sum(-1)  # ..., N, M
+
+    def components(self) -> list[dict]:
+        """Each component's ``variance`` and ``period`` (per input feature; a one-element list in 1-D)."""
+        v = F.softplus(self.raw_variance.detach()).tolist()
+        p = F.softplus(self.raw_period.detach()).tolist()
+        return [{"variance": v[i], "period": p[i]} for i in range(len(v))]
+
+    def describe(self) -> dict:
+        return {"type": "cosine", "components": self.components()}
 
 
 class Sum(BatchedKernel):
@@ -171,10 +219,41 @@ class DeepKernel(BatchedKernel):
 
 
 def sum_kernel(input_dim: int, periods: Sequence[float] = DEFAULT_PERIODS) -> Sum:
-    """RBF + linear + one periodic component per initial period (variances split among them)."""
-    parts: list[BatchedKernel] = [RBF(input_dim), Linear()]
-    parts += [Periodic(variance=1.0 / len(periods), lengthscale=1.0, period=p) for p in periods]
-    return Sum(parts)
+    """RBF + linear + a bank of periodic components and a bank of cosine components, one of each per initial
+    period (variances split among them)."""
+    n = len(periods)
+    return Sum([RBF(input_dim), Linear(), Periodic([1.0 / n] * n, [1.0] * n, list(periods)),
+                Cosine(input_dim, periods)])
+
+
+class ConstantMean(nn.Module):
+    """``m(x) = c``, one learned constant shared by every task and output."""
+
+    def __init__(self):
+        super().__init__()
+        self.constant = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.constant.to(x.dtype)  # broadcasts against [..., N, O]
+
+    def describe(self) -> dict:
+        return {"type": "constant", "value": float(self.constant.detach())}
+
+
+class MLPMean(nn.Module):
+    """``m(x)``: an MLP of the inputs ``[..., N, D] -> [..., N, O]`` (ReLU between layers) shared by every
+    task: the learned mean function of PACOH-GP (Rothfuss et al., ICML 2021), which lets the tasks' average
+    shape (``sinusoid_line``'s ``0.81 cos x``) sit in the mean instead of the kernel."""
+
+    def __init__(self, input_dim: int, hidden: Sequence[int], outputs: int = 1):
+        super().__init__()
+        self.net = mlp([input_dim, *hidden, outputs])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def describe(self) -> dict:
+        return {"type": "mlp", "widths": [m.out_features for m in self.net if isinstance(m, nn.Linear)]}
 
 
 class GPModel(nn.Module):
@@ -183,15 +262,17 @@ class GPModel(nn.Module):
 
     :param kernel: a :class:`BatchedKernel`.
     :param noise_var: the initial noise variance (``MIN_NOISE_VAR + softplus(raw)``).
+    :param mean: the mean function, ``x [..., N, D] -> [..., N, O]`` or a broadcastable value;
+        default :class:`ConstantMean`.
     """
 
-    def __init__(self, kernel: BatchedKernel, noise_var: float = 0.1):
+    def __init__(self, kernel: BatchedKernel, noise_var: float = 0.1, mean: nn.Module | None = None):
         super().__init__()
         if not noise_var > MIN_NOISE_VAR:
             raise ValueError(f"noise_var must exceed {MIN_NOISE_VAR}, got {noise_var!r}")
         self.kernel = kernel
         self.raw_noise = positive(noise_var - MIN_NOISE_VAR)
-        self.mean = nn.Parameter(torch.zeros(()))
+        self.mean = mean if mean is not None else ConstantMean()
 
     @property
     def noise_var(self) -> Tensor:
@@ -208,18 +289,29 @@ class GPModel(nn.Module):
     def predict(self, batch: TaskBatch) -> dict[str, Tensor]:
         """The support's whitened residual and the query's per-point predictive.
 
-        :return: ``mu [T, Q, O]``, ``var [T, Q, 1]`` (noise included), ``support_log_lik [T]`` and the
-            factor ``L [T, S + Q, S + Q]``."""
+        With the query labels present, one triangular solve of ``L`` against the stacked residuals
+        ``[y_s - m; y_q - m]`` gives both the support's whitened residual (its first ``S`` rows: ``L`` is
+        lower triangular) and the query's, ``b_q``, for the joint conditional.
+
+        :return: ``mu [T, Q, O]``, ``var [T, Q, 1]`` (noise included), ``support_log_lik [T]``, the
+            factor ``L [T, S + Q, S + Q]`` and, with query labels, ``b_q [T, Q, O]``."""
         s = batch.num_support
         L = self.factor(batch.x_support, batch.x_query)  # T N N
-        m = self.mean.to(L.dtype)
-        a = torch.linalg.solve_triangular(L[..., :s, :s], batch.y_support - m, upper=False)  # T S O
-        mu = m + L[..., s:, :s] @ a  # T Q O
+        m_q = self.mean(batch.x_query)
+        r_s = batch.y_support - self.mean(batch.x_support)  # T S O
+        out: dict[str, Tensor] = {"L": L}
+        if batch.y_query is not None:
+            b = torch.linalg.solve_triangular(L, torch.cat([r_s, (batch.y_query - m_q).expand_as(batch.y_query)], -2),
+                                              upper=False)  # T N O
+            a, out["b_q"] = b[..., :s, :], b[..., s:, :]
+        else:
+            a = torch.linalg.solve_triangular(L[..., :s, :s], r_s, upper=False)  # T S O
+        mu = m_q + L[..., s:, :s] @ a  # T Q O
         var = (L[..., s:, s:] ** 2).sum(-1, keepdim=True)  # T Q 1
         o = a.shape[-1]
         half_logdet = torch.log(torch.diagonal(L[..., :s, :s], dim1=-2, dim2=-1)).sum(-1)  # T
         support_ll = -0.5 * (a * a).sum((-2, -1)) - o * half_logdet - 0.5 * o * s * LOG_2PI  # T
-        return {"mu": mu, "var": var, "support_log_lik": support_ll, "L": L}
+        return {**out, "mu": mu, "var": var, "support_log_lik": support_ll}
 
     def forward(self, batch: TaskBatch) -> Tensor:
         p = self.predict(batch)
@@ -236,16 +328,18 @@ class GPModel(nn.Module):
     @staticmethod
     def joint_correction(p: dict[str, Tensor], y_query: Tensor) -> Tensor:
         """``log N(y_q | mu, L_qq L_qq^T) - sum_q log N(y_q | mu_q, var_q)`` per task, ``[T]``: what the
-        per-point factors of ``y_query`` miss of the joint conditional (the query points' correlation)."""
+        per-point factors of ``y_query`` miss of the joint conditional (the query points' correlation).
+        ``L_qq^{-1} (y_q - mu)`` is ``predict``'s ``b_q`` (the query rows of one solve against ``L``)."""
         mu, var, L = p["mu"], p["var"], p["L"]
         q = mu.shape[-2]
         Lqq = L[..., -q:, -q:]  # T Q Q
         r = y_query - mu  # T Q O
-        b = torch.linalg.solve_triangular(Lqq, r, upper=False)  # T Q O
+        b = p["b_q"] if "b_q" in p else torch.linalg.solve_triangular(Lqq, r, upper=False)  # T Q O
         o = r.shape[-1]
         joint = -0.5 * (b * b).sum((-2, -1)) - o * torch.log(torch.diagonal(Lqq, dim1=-2, dim2=-1)).sum(-1)
         marginal = -0.5 * (r * r / var).sum((-2, -1)) - 0.5 * o * torch.log(var).sum((-2, -1))
         return joint - marginal  # the 2 pi terms cancel
 
     def describe(self) -> dict:
-        return {"kernel": self.kernel.describe(), "noise_var": float(self.noise_var.detach()), "mean": float(self.mean.detach())}
+        return {"kernel": self.kernel.describe(), "noise_var": float(self.noise_var.detach()),
+                "mean": self.mean.describe()}

@@ -23,6 +23,21 @@ def check_counts(family: str, shots: int, queries: int) -> None:
             raise ProtocolError(f"{family}: {what} must be a positive integer, got {v!r}")
 
 
+def midpoints(lo_hi: tuple[float, float], n: int) -> Tensor:
+    """The ``n`` midpoints of equal cells of a uniform range, float64 (the midpoint rule)."""
+    lo, hi = lo_hi
+    return lo + (hi - lo) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
+
+
+def uniform_grid(n: int, **ranges: tuple[float, float]) -> tuple[dict[str, Tensor], Tensor]:
+    """The product midpoint grid of independent uniform parameters, ``n`` points per range: ``params``
+    (values ``[n^d]``, float64) and equal log weights ``[n^d]``."""
+    axes = torch.meshgrid(*(midpoints(r, n) for r in ranges.values()), indexing="ij")
+    g = n ** len(ranges)
+    return ({k: a.reshape(-1) for k, a in zip(ranges, axes)},
+            torch.full((g,), -math.log(g), dtype=torch.float64))
+
+
 @dataclass(frozen=True)
 class RegressionFamily:
     """Base of 1-D regression task families ``y = f_task(x) + noise``.
@@ -119,6 +134,13 @@ class Sinusoid(RegressionFamily):
         p = params["phase"][:, None, None]
         return a * torch.sin(x + p)
 
+    def prior_grid(self, n: int) -> tuple[dict[str, Tensor], Tensor]:
+        """``n x n`` midpoints over (amplitude, phase), equal weights."""
+        return uniform_grid(n, amplitude=self.amplitude, phase=self.phase)
+
+    def grid_function(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return params["amplitude"] * torch.sin(x.to(torch.float64) + params["phase"])  # ... N G
+
 
 @dataclass(frozen=True)
 class SinusoidLine(RegressionFamily):
@@ -156,17 +178,13 @@ class SinusoidLine(RegressionFamily):
         """``n x n`` midpoints over (amplitude, phase) for the sines and over (slope, intercept) for the
         lines, each class 1/2 of the prior mass: ``G = 2 n^2`` points of equal weight. The unused pair of a
         class is set to 0 (its function ignores them)."""
-        def mid(lo_hi: tuple[float, float]) -> Tensor:
-            lo, hi = lo_hi
-            return lo + (hi - lo) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
-
-        a, p = torch.meshgrid(mid(self.amplitude), mid(self.phase), indexing="ij")
-        m, b = torch.meshgrid(mid(self.slope), mid(self.intercept), indexing="ij")
+        sine = uniform_grid(n, amplitude=self.amplitude, phase=self.phase)[0]
+        line = uniform_grid(n, slope=self.slope, intercept=self.intercept)[0]
         zeros = torch.zeros(n * n, dtype=torch.float64)
         params = {
             "is_line": torch.cat([zeros, torch.ones(n * n, dtype=torch.float64)]),
-            "amplitude": torch.cat([a.reshape(-1), zeros]), "phase": torch.cat([p.reshape(-1), zeros]),
-            "slope": torch.cat([zeros, m.reshape(-1)]), "intercept": torch.cat([zeros, b.reshape(-1)]),
+            "amplitude": torch.cat([sine["amplitude"], zeros]), "phase": torch.cat([sine["phase"], zeros]),
+            "slope": torch.cat([zeros, line["slope"]]), "intercept": torch.cat([zeros, line["intercept"]]),
         }
         return params, torch.full((2 * n * n,), -math.log(2 * n * n), dtype=torch.float64)
 
@@ -205,6 +223,13 @@ class SinusoidBMAML(RegressionFamily):
     def _y(self, params: dict[str, Tensor], x: Tensor, g: torch.Generator) -> Tensor:
         y = self.function(params, x)
         return y + self.noise_fraction * params["amplitude"][:, None, None] * torch.randn(y.shape, generator=g)
+
+    def prior_grid(self, n: int) -> tuple[dict[str, Tensor], Tensor]:
+        """``n^3`` midpoints over (amplitude, frequency, phase), equal weights."""
+        return uniform_grid(n, amplitude=self.amplitude, frequency=self.frequency, phase=self.phase)
+
+    def grid_function(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return params["amplitude"] * torch.sin(params["frequency"] * x.to(torch.float64) + params["phase"])
 
     def fixed(self, num_tasks: int, shots: int, queries: int, seed: int) -> TaskBatch:
         """Seeded evaluation tasks with a noisy support pool and noiseless query targets."""
