@@ -147,10 +147,13 @@ def test_reference_rows_resolve_without_training_and_refuse_what_has_no_density(
     assert cfg.steps == 0 and cfg.eval_samples == 1
     for bench in ("sinusoid", "sinusoid_line", "sinusoid_bmaml"):
         assert resolve(RunConfig(benchmark=bench, method="prior")).steps == 0
-    # noiseless query targets: the exact posterior predictive is a point mass (or too narrow for a grid)
-    for bench in ("sinusoid", "sinusoid_bmaml"):
-        with pytest.raises(ConfigError, match="point mass"):
-            resolve(RunConfig(benchmark=bench, method="oracle"))
+    # noiseless targets: the exact posterior predictive is a point mass
+    with pytest.raises(ConfigError, match="point mass"):
+        resolve(RunConfig(benchmark="sinusoid", method="oracle"))
+    # sinusoid_bmaml's posterior quadrature needs 3 points
+    assert resolve(RunConfig(benchmark="sinusoid_bmaml", method="oracle", shots=5)).steps == 0
+    with pytest.raises(ConfigError, match="at least 3 shots"):
+        resolve(RunConfig(benchmark="sinusoid_bmaml", method="oracle", shots=2))
     with pytest.raises(ConfigError, match="omniglot"):
         resolve(RunConfig(benchmark="omniglot", method="prior"))
     from pyro_meta.methods import regression_methods
@@ -215,3 +218,35 @@ def test_cli_evaluates_the_oracle_like_any_run(tmp_path):
     assert m["nll"]["n"] == 4 and m["nll"]["mean"] < 1.5 and m["heldout_lpd"]["joint"] is False
     r = pyro_meta("evaluate", out, cwd=tmp_path)
     assert json.loads((out / "eval.json").read_text())["metrics"]["nll"] == m["nll"]
+
+
+def test_the_bmaml_oracle_matches_a_brute_force_grid_around_the_posterior():
+    """sinusoid_bmaml, 10 noisy support points (noise 0.01 A): the oracle's predictive mean and std of the
+    noiseless f at 5 query inputs equal those of an independent brute-force quadrature, a 70^3 grid over
+    (A, w, p) in a box of +-7 posterior standard deviations (prior x exact likelihood): the means within 1% of
+    the std, the stds within 2.5% (measured: 1.5% wider, the cells' spread added on the 16 x 16 (a, b) grid
+    of 0.75-std cells); and the true function's values sit within 4 std of the mean."""
+    from pyro_meta.tasks.regression import SinusoidBMAML
+
+    fam = SinusoidBMAML()
+    batch = fam.fixed(1, 10, 5, seed=7).to(dtype=torch.float64)
+    law = _law(ReferenceModel(fam, "oracle", n=30, components=256, posterior_n=8000), batch)
+    mean, std = law.mean[0, :, 0], law.variance[0, :, 0].sqrt()
+    params, log_w, _ = fam.posterior_grid(batch.x_support[0], batch.y_support[0], 8000)
+    wts = log_w.exp()
+    centre = {k: (wts * v).sum() for k, v in params.items()}
+    spread = {k: ((wts * (v - centre[k]) ** 2).sum()).sqrt() for k, v in params.items()}
+    axes = [torch.linspace(float(centre[k] - 7 * spread[k]), float(centre[k] + 7 * spread[k]), 70, dtype=torch.float64)
+            for k in ("amplitude", "frequency", "phase")]
+    a, w, p = (g.reshape(-1) for g in torch.meshgrid(*axes, indexing="ij"))
+    x_s, y_s = batch.x_support[0, :, 0], batch.y_support[0, :, 0]
+    f_s = a[:, None] * torch.sin(w[:, None] * x_s + p[:, None])  # G N
+    sd = 0.01 * a[:, None]
+    log_post = (-0.5 * ((y_s - f_s) / sd) ** 2 - sd.log()).sum(-1)  # the uniform prior is flat in the box
+    post = torch.softmax(log_post, 0)
+    f_q = a[:, None] * torch.sin(w[:, None] * batch.x_query[0, :, 0] + p[:, None])  # G Q
+    bf_mean = (post[:, None] * f_q).sum(0)
+    bf_std = ((post[:, None] * (f_q - bf_mean) ** 2).sum(0)).sqrt()
+    assert ((mean - bf_mean).abs() < 0.01 * bf_std).all(), (mean, bf_mean, bf_std)
+    assert ((std - bf_std).abs() < 0.025 * bf_std).all(), (std, bf_std)
+    assert ((batch.y_query[0, :, 0] - mean).abs() < 4 * std).all()

@@ -282,4 +282,4 @@ def test_row_variants_bmaml_and_bfa(tmp_path):
                   ["objective"] for r in ("bmaml", "bfa")}
     assert objectives == {"bmaml": "chaser", "bfa": "bfa"}
     text = (out / "scoreboard.md").read_text()
-    assert "| bfa | 2 |" in text and "| oracle (reference) | 2 | none: noiseless query targets" in text
+    assert "| bfa | 2 |" in text and "| oracle (reference) | 2 | none: noiseless targets" in text

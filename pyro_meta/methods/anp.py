@@ -20,7 +20,8 @@ from ..learner import MetaLearner
 from ..models.anp import LATENT_STD_MIN, ANPModel
 from ..models.cnp import MIN_STD
 from ..nn import FunctionalNet
-from .cnp import RUN_DEFAULTS, io_dims
+from .cnp import RUN_DEFAULTS as CNP_RUN_DEFAULTS
+from .cnp import io_dims
 from .common import REGRESSION, MethodInfo, elbo
 
 ANP_OBJECTIVES = ("cll", "elbo")
@@ -28,6 +29,10 @@ HEADS = 8
 SELF_ATTENTION_LAYERS = 2
 LATENT_DIM = 128
 
+
+# the CNP's optimizer and widths, with the benchmark's K training targets (the ANP's measured setting:
+# 20,000 steps, test NLL 0.754 on sinusoid_line; the CNP's 45 targets were not measured for it)
+RUN_DEFAULTS = {k: v for k, v in CNP_RUN_DEFAULTS.items() if k != "queries"}
 
 def build(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
     torch.manual_seed(cfg.seed)  # nn.Linear layers draw their initial weights from the global RNG

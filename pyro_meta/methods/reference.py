@@ -8,7 +8,15 @@ from typing import Any
 from ..config import ConfigError, RunConfig
 from ..guides.empty import NoLatentGuide
 from ..learner import MetaLearner
-from ..models.reference import NEIGHBOURS, POOL_POINTS, POOL_SEED, POOL_TASKS, ReferenceModel, oracle_refusal
+from ..models.reference import (
+    NEIGHBOURS,
+    POOL_POINTS,
+    POOL_SEED,
+    POOL_TASKS,
+    ReferenceModel,
+    has_posterior_grid,
+    oracle_refusal,
+)
 from ..nn import FunctionalNet
 from .common import MethodInfo
 
@@ -18,8 +26,12 @@ from .common import MethodInfo
 GRID_POINTS = 100
 FAMILY_GRID_POINTS = {"sinusoid_bmaml": 30}
 COMPONENTS = 256
+# sinusoid_bmaml's oracle: frequencies in its posterior quadrature (RegressionFamily.posterior_grid), and the
+# fewest shots it handles
+POSTERIOR_FREQUENCIES = 8000
+POSTERIOR_MIN_SHOTS = 3
 # prior: every regression family (a quadrature where the family has one, else Monte Carlo from its sampler);
-# oracle: the families with observation noise on the query targets (their exact predictive has a density)
+# oracle: the families with observation noise on the support, or a posterior quadrature of their own
 PRIOR_BENCHMARKS = ("sinusoid", "sinusoid_line", "sinusoid_bmaml", "custom")
 ORACLE_BENCHMARKS = ("sinusoid", "sinusoid_line", "sinusoid_bmaml")  # check() refuses the noiseless ones
 
@@ -32,7 +44,8 @@ def _builder(kind: str):  # noqa: ANN202 - a build function
     def build(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
         from ..tasks.registry import family_of
 
-        model = ReferenceModel(family_of(cfg.benchmark), kind, grid_points(cfg.benchmark), COMPONENTS)
+        model = ReferenceModel(family_of(cfg.benchmark), kind, grid_points(cfg.benchmark), COMPONENTS,
+                               posterior_n=POSTERIOR_FREQUENCIES)
         return MetaLearner(model, NoLatentGuide(), name=kind, protocol=_protocol(kind)(cfg))
     return build
 
@@ -47,7 +60,13 @@ def _protocol(kind: str):  # noqa: ANN202 - a protocol function
         family = family_of(cfg.benchmark)
         strata = (f"per query point {COMPONENTS} strata of the values f(x) (half of equal mass, half of equal width), "
                   "each a Normal with the stratum's mean and variance plus the noise")
-        if hasattr(family, "prior_grid") and family.prior_grid(1) is not None:
+        if kind == "oracle" and has_posterior_grid(family):
+            how = (f"the family's posterior quadrature (RegressionFamily.posterior_grid): {POSTERIOR_FREQUENCIES} "
+                   "frequencies, those within 30 nats of the best profile likelihood kept, at each a 16 x 16 grid over "
+                   f"(A cos p, A sin p) of +-6 least-squares standard deviations, exact weights; {strata}")
+            noise = "support: the family's 0.01 A; query targets noiseless (each stratum's std floored at 1e-3 of the "\
+                    "point's range of f)"
+        elif hasattr(family, "prior_grid") and family.prior_grid(1) is not None:
             how = f"{n} midpoints per parameter axis of the task prior, float64" + (
                 ", weighted by the support's likelihood" if kind == "oracle" else "") + f"; {strata}"
             noise = "the family's own observation noise" + (
@@ -62,11 +81,16 @@ def _protocol(kind: str):  # noqa: ANN202 - a protocol function
 
 
 def check(cfg: RunConfig) -> dict[str, Any]:
-    """The oracle needs observation noise on the query targets (``resolve``'s dependent check)."""
+    """The oracle needs observation noise on the support, or the family's own posterior quadrature with
+    the shots it needs (``resolve``'s dependent check)."""
     from ..tasks.registry import family_of
 
     family = family_of(cfg.benchmark)
-    if not getattr(family, "noise_std", 0) > 0:
+    if has_posterior_grid(family):
+        if cfg.shots < POSTERIOR_MIN_SHOTS:
+            raise ConfigError(f"the oracle of {cfg.benchmark!r} needs at least {POSTERIOR_MIN_SHOTS} shots: with fewer "
+                              "the posterior spreads along a curve that its quadrature does not follow")
+    elif not getattr(family, "noise_std", 0) > 0:
         raise ConfigError(oracle_refusal(cfg.benchmark))
     return {}
 

@@ -23,19 +23,30 @@ def check_counts(family: str, shots: int, queries: int) -> None:
             raise ProtocolError(f"{family}: {what} must be a positive integer, got {v!r}")
 
 
+# sinusoid_bmaml's posterior quadrature: frequencies kept within PRUNE nats of the best profile likelihood,
+# an AB x AB grid over (a, b) spanning +-SPAN standard deviations at each
+POSTERIOR_PRUNE, POSTERIOR_SPAN, POSTERIOR_AB = 30.0, 6.0, 16
+
+
 def midpoints(lo_hi: tuple[float, float], n: int) -> Tensor:
     """The ``n`` midpoints of equal cells of a uniform range, float64 (the midpoint rule)."""
     lo, hi = lo_hi
     return lo + (hi - lo) * (torch.arange(n, dtype=torch.float64) + 0.5) / n
 
 
-def uniform_grid(n: int, **ranges: tuple[float, float]) -> tuple[dict[str, Tensor], Tensor]:
+Edges = list[tuple[dict[str, Tensor], dict[str, Tensor]]]
+
+
+def uniform_grid(n: int, **ranges: tuple[float, float]) -> tuple[dict[str, Tensor], Tensor, Edges]:
     """The product midpoint grid of independent uniform parameters, ``n`` points per range: ``params``
-    (values ``[n^d]``, float64) and equal log weights ``[n^d]``."""
+    (values ``[n^d]``, float64), equal log weights ``[n^d]`` and each axis's cell edges (``params`` with
+    that parameter at its cell's lower and upper end; see :meth:`RegressionFamily.prior_grid`)."""
     axes = torch.meshgrid(*(midpoints(r, n) for r in ranges.values()), indexing="ij")
     g = n ** len(ranges)
-    return ({k: a.reshape(-1) for k, a in zip(ranges, axes)},
-            torch.full((g,), -math.log(g), dtype=torch.float64))
+    params = {k: a.reshape(-1) for k, a in zip(ranges, axes)}
+    edges = [({**params, k: params[k] - (hi - lo) / (2 * n)}, {**params, k: params[k] + (hi - lo) / (2 * n)})
+             for k, (lo, hi) in ranges.items()]
+    return params, torch.full((g,), -math.log(g), dtype=torch.float64), edges
 
 
 @dataclass(frozen=True)
@@ -61,16 +72,30 @@ class RegressionFamily:
         """The noiseless task function. ``params`` values ``[T]``, ``x`` ``[T, N, 1]`` -> ``[T, N, 1]``."""
         raise NotImplementedError
 
-    def prior_grid(self, n: int) -> tuple[dict[str, Tensor], Tensor] | None:
+    def prior_grid(self, n: int) -> tuple[dict[str, Tensor], Tensor, Edges] | None:
         """Quadrature of the task prior for the exact reference rows (``prior``, ``oracle``): grid points
-        ``params`` (values ``[G]``, float64) and their log prior weights ``[G]`` (summing to 1), ``n`` points
-        per axis (the midpoint rule on each uniform range). ``None``: this family cannot offer one."""
+        ``params`` (values ``[G]``, float64), their log prior weights ``[G]`` (summing to 1), ``n`` points
+        per axis (the midpoint rule on each uniform range), and optionally the cells' edges: per axis a pair
+        of ``params`` dicts at the lower and upper end of each point's cell along that axis. With them the
+        reference rows add each cell's spread of ``f``, ``sum_axes (f(upper) - f(lower))^2 / 12``, to its
+        point (the midpoint rule's points as cells, not spikes: what makes a noiseless family's predictive a
+        smooth density). ``None``: this family cannot offer a quadrature."""
         return None
 
     def grid_function(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """The task functions of every grid point at every input: ``params`` values ``[G]``, ``x [..., N, 1]``
         -> ``[..., N, G]``. Families with a :meth:`prior_grid` implement it."""
         raise NotImplementedError
+
+    def posterior_grid(self, x_support: Tensor, y_support: Tensor, n: int
+                       ) -> tuple[dict[str, Tensor], Tensor, Edges] | None:
+        """A quadrature of one task's exact posterior given its support ``[N, 1]`` each: grid points
+        (values ``[G]``, float64), their normalized log weights ``[G]`` and the cells' edges (as for
+        :meth:`prior_grid`), for a posterior too narrow for
+        :meth:`prior_grid` weighted by the likelihood (near-noiseless support). ``n`` sets its resolution.
+        ``None`` (the default): the ``oracle`` row weights :meth:`prior_grid` by the Gaussian likelihood of
+        :attr:`noise_std` instead."""
+        return None
 
     def draw_x(self, n: int, m: int, g: torch.Generator) -> Tensor:
         """Inputs of ``n`` tasks, ``m`` points each, ``[n, m, 1]``: uniform on :attr:`x_range`. Override
@@ -135,7 +160,7 @@ class Sinusoid(RegressionFamily):
         return a * torch.sin(x + p)
 
     def prior_grid(self, n: int) -> tuple[dict[str, Tensor], Tensor]:
-        """``n x n`` midpoints over (amplitude, phase), equal weights."""
+        """``n x n`` midpoints over (amplitude, phase), equal weights, with the cells' edges."""
         return uniform_grid(n, amplitude=self.amplitude, phase=self.phase)
 
     def grid_function(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -178,15 +203,17 @@ class SinusoidLine(RegressionFamily):
         """``n x n`` midpoints over (amplitude, phase) for the sines and over (slope, intercept) for the
         lines, each class 1/2 of the prior mass: ``G = 2 n^2`` points of equal weight. The unused pair of a
         class is set to 0 (its function ignores them)."""
-        sine = uniform_grid(n, amplitude=self.amplitude, phase=self.phase)[0]
-        line = uniform_grid(n, slope=self.slope, intercept=self.intercept)[0]
+        sine, _, sine_edges = uniform_grid(n, amplitude=self.amplitude, phase=self.phase)
+        line, _, line_edges = uniform_grid(n, slope=self.slope, intercept=self.intercept)
         zeros = torch.zeros(n * n, dtype=torch.float64)
-        params = {
-            "is_line": torch.cat([zeros, torch.ones(n * n, dtype=torch.float64)]),
-            "amplitude": torch.cat([sine["amplitude"], zeros]), "phase": torch.cat([sine["phase"], zeros]),
-            "slope": torch.cat([zeros, line["slope"]]), "intercept": torch.cat([zeros, line["intercept"]]),
-        }
-        return params, torch.full((2 * n * n,), -math.log(2 * n * n), dtype=torch.float64)
+
+        def both(s: dict[str, Tensor], li: dict[str, Tensor]) -> dict[str, Tensor]:  # sines first, then lines
+            return {"is_line": torch.cat([zeros, torch.ones(n * n, dtype=torch.float64)]),
+                    "amplitude": torch.cat([s["amplitude"], zeros]), "phase": torch.cat([s["phase"], zeros]),
+                    "slope": torch.cat([zeros, li["slope"]]), "intercept": torch.cat([zeros, li["intercept"]])}
+
+        edges = [(both(se[0], le[0]), both(se[1], le[1])) for se, le in zip(sine_edges, line_edges)]
+        return both(sine, line), torch.full((2 * n * n,), -math.log(2 * n * n), dtype=torch.float64), edges
 
     def grid_function(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         x = x.to(torch.float64)  # ... N 1, broadcast against the grid's last dim
@@ -225,11 +252,79 @@ class SinusoidBMAML(RegressionFamily):
         return y + self.noise_fraction * params["amplitude"][:, None, None] * torch.randn(y.shape, generator=g)
 
     def prior_grid(self, n: int) -> tuple[dict[str, Tensor], Tensor]:
-        """``n^3`` midpoints over (amplitude, frequency, phase), equal weights."""
+        """``n^3`` midpoints over (amplitude, frequency, phase), equal weights, with the cells' edges."""
         return uniform_grid(n, amplitude=self.amplitude, frequency=self.frequency, phase=self.phase)
 
     def grid_function(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         return params["amplitude"] * torch.sin(params["frequency"] * x.to(torch.float64) + params["phase"])
+
+    def posterior_grid(self, x_support: Tensor, y_support: Tensor, n: int) -> tuple[dict[str, Tensor], Tensor, Edges]:
+        """The exact posterior of ``(A, w, p)`` given ``N >= 3`` support points with noise ``0.01 A``, by an
+        adaptive quadrature that uses the model's structure: for a fixed frequency ``w`` the function
+        ``a sin(w x) + b cos(w x)`` (``a = A cos p``, ``b = A sin p``) is linear in ``(a, b)``.
+
+        1. ``n`` midpoints over the frequency range; at each, least squares gives ``(a, b)`` and a profile
+           log likelihood (noise ``0.01 |(a, b)|``); frequencies more than :data:`POSTERIOR_PRUNE` nats below
+           the best are dropped (their posterior mass is below ``e^-PRUNE`` of the mode's).
+        2. At each kept frequency, a ``m x m`` midpoint grid over ``(a, b)`` of +-:data:`POSTERIOR_SPAN` standard
+           deviations along the least-squares covariance's principal axes (``m`` = :data:`POSTERIOR_AB`).
+        3. Every point's exact log weight: the prior density in ``(a, b, w)`` (``1 / A`` on the annulus
+           ``0.1 <= A <= 5``, from the uniform ``A`` and ``p``), the exact Gaussian likelihood with noise
+           ``0.01 A`` at that point, and its cell's volume; the points more than ``PRUNE`` nats below the
+           largest dropped; normalized.
+        """
+        x = x_support.reshape(-1).to(torch.float64)
+        y = y_support.reshape(-1).to(torch.float64)
+        if x.numel() < 3:
+            raise ValueError(f"{self.name}: the oracle needs at least 3 support points (with fewer, the posterior "
+                             "spreads along a curve that this quadrature does not follow)")
+        w = midpoints(self.frequency, n)  # W
+        dw = (self.frequency[1] - self.frequency[0]) / n
+        sn, cs = torch.sin(w[:, None] * x), torch.cos(w[:, None] * x)  # W N
+        m = torch.stack([torch.stack([(sn * sn).sum(-1), (sn * cs).sum(-1)], -1),
+                         torch.stack([(sn * cs).sum(-1), (cs * cs).sum(-1)], -1)], -2)  # W 2 2
+        rhs = torch.stack([(sn * y).sum(-1), (cs * y).sum(-1)], -1)  # W 2
+        ab = torch.linalg.solve(m, rhs)  # W 2
+        sigma = (self.noise_fraction * ab.norm(dim=-1)).clamp(min=self.noise_fraction * self.amplitude[0])  # W
+        rss = ((y - ab[:, :1] * sn - ab[:, 1:] * cs) ** 2).sum(-1)
+        profile = -0.5 * rss / sigma**2 - x.numel() * sigma.log()
+        keep = profile >= profile.max() - POSTERIOR_PRUNE
+        w, ab, sigma, m = w[keep], ab[keep], sigma[keep], m[keep]
+        # the least-squares covariance sigma^2 M^-1, its principal axes scaled by their standard deviations
+        evals, evecs = torch.linalg.eigh(torch.linalg.inv(m))  # K 2, K 2 2
+        axes = evecs * (sigma[:, None, None] * evals.clamp(min=0).sqrt()[:, None, :])  # K 2 2: columns
+        u = midpoints((-POSTERIOR_SPAN, POSTERIOR_SPAN), POSTERIOR_AB)
+        uu, vv = torch.meshgrid(u, u, indexing="ij")
+        uv = torch.stack([uu.reshape(-1), vv.reshape(-1)], -1)  # m^2 2
+        pts = ab[:, None, :] + uv @ axes.transpose(-1, -2)  # K m^2 2
+        du = 2 * POSTERIOR_SPAN / POSTERIOR_AB
+        log_cell = math.log(dw * du * du) + torch.log(torch.linalg.det(axes).abs())  # K
+        a, b = pts[..., 0], pts[..., 1]
+        amp = torch.hypot(a, b)
+        lo, hi = self.amplitude
+        f = a[..., None] * sn[keep][:, None, :] + b[..., None] * cs[keep][:, None, :]  # K m^2 N
+        s2 = (self.noise_fraction * amp) ** 2
+        log_lik = (-0.5 * (y - f) ** 2 / s2[..., None]).sum(-1) - 0.5 * x.numel() * torch.log(2 * math.pi * s2)
+        log_prior = torch.where((amp >= lo) & (amp <= hi), -torch.log(amp), torch.full_like(amp, -math.inf))
+        log_w = (log_lik + log_prior + log_cell[:, None]).reshape(-1)
+        freq = w[:, None].expand_as(amp)
+
+        def at(ab_pts: Tensor, f_w: Tensor) -> dict[str, Tensor]:
+            return {"amplitude": torch.hypot(ab_pts[..., 0], ab_pts[..., 1]).reshape(-1), "frequency": f_w.reshape(-1),
+                    "phase": torch.remainder(torch.atan2(ab_pts[..., 1], ab_pts[..., 0]), 2 * math.pi).reshape(-1)}
+
+        params = at(pts, freq)
+        # the cells' edges: along the frequency, and along each principal axis of (a, b)
+        edges = [(at(pts, freq - dw / 2), at(pts, freq + dw / 2))]
+        edges += [(at(pts - du / 2 * axes[:, None, :, j], freq), at(pts + du / 2 * axes[:, None, :, j], freq))
+                  for j in range(2)]
+        # the points of negligible weight go (at most G e^-PRUNE of the mass; they only cost sorting time)
+        some = log_w >= log_w.max() - POSTERIOR_PRUNE
+
+        def keep(d: dict[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v[some] for k, v in d.items()}
+
+        return keep(params), torch.log_softmax(log_w[some], -1), [(keep(lo), keep(hi)) for lo, hi in edges]
 
     def fixed(self, num_tasks: int, shots: int, queries: int, seed: int) -> TaskBatch:
         """Seeded evaluation tasks with a noisy support pool and noiseless query targets."""
