@@ -381,7 +381,7 @@ def _calibration_error_text(cal: dict[str, Any] | None) -> str:
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| " + " | ".join(COLUMNS) + " |", "| " + " | ".join("---" for _ in COLUMNS) + " |"]
-    for r in sorted(rows, key=lambda r: (r["shots"], r["mode"] != "reference")):
+    for r in sorted(rows, key=lambda r: (r["shots"], r.get("mode") != "reference")):
         if "unavailable" in r:
             lines.append(f"| {r['method']} (reference) | {r['shots']} | none: {r['unavailable']} |"
                          + " |" * (len(COLUMNS) - 3))
@@ -393,7 +393,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
         m = r["metrics"]
         rate = r.get("tasks_per_second")
         bad = (m.get("nonfinite_tasks") or {}).get("count", 0)
-        name = r["method"] + (" (reference)" if r["mode"] == "reference" else "")
+        name = r["method"] + (" (reference)" if r.get("mode") == "reference" else "")
         cells = [name + (f" ({bad} diverged test tasks left out)" if bad else ""), str(r["shots"]),
                  str(r["steps"]), _pm(m["mse"]), _pm(m["nll"]), _pm(m["heldout_lpd_per_point"]),
                  _pm(m["coverage50"], 2), _pm(m["coverage90"], 2), _pm(m.get("crps")),

@@ -184,8 +184,8 @@ class RunConfig:
         if self.lr_schedule is not None:
             from .schedule import ScheduleError, normalize_schedule
 
-            try:
-                normalize_schedule(self.lr_schedule, self.steps)
+            try:  # steps not set yet: the method's or benchmark's default fills it in resolve, which checks again
+                normalize_schedule(self.lr_schedule, self.steps if self.steps is not None else 2**62)
             except ScheduleError as e:
                 raise ConfigError(f"{source}: {e}") from None
         pos_float("grad_clip")

@@ -162,6 +162,13 @@ def test_bad_schedules_are_clear_errors(spec, fragment):
         resolve(RunConfig(steps=100, lr_schedule=spec))
 
 
+def test_cosine_takes_its_length_from_the_methods_default_steps():
+    """A cosine schedule without total_steps on a run whose steps come from the method's defaults (the GP's
+    3,000): resolve fills both in (the CLI once refused it: its check ran before the defaults)."""
+    cfg = resolve(RunConfig(benchmark="sinusoid_line", method="gp", lr_schedule="cosine"))
+    assert cfg.steps == 3000 and cfg.lr_schedule["total_steps"] == 3000
+
+
 def test_schedule_factors():
     exp = normalize_schedule({"name": "exponential", "gamma": 0.98, "every": 10})
     assert [lr_factor(exp, k) for k in (0, 9, 10, 25)] == pytest.approx([1, 1, 0.98, 0.98**2])
