@@ -172,7 +172,19 @@ def _row(name: str, cfg: dict[str, Any], mode: str, report: dict[str, Any], out:
                         # absent from an eval.json written before these metrics existed
                         "crps": m.get("crps"), "calibration_error": m.get("calibration_error"),
                         "heldout_lpd_per_point": {"mean": lpd["per_point"], "ci95": None if se is None else Z95 * se},
-                        "calibration": m["calibration"], "nonfinite_tasks": m.get("nonfinite_tasks")}}
+                        "calibration": m["calibration"], "nonfinite_tasks": m.get("nonfinite_tasks")},
+            "recalibrated": _recalibrated(report.get("recalibrated"))}
+
+
+def _recalibrated(rec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """NLL and 50%/90% coverage under each recalibration map of a run's ``eval.json`` (``None`` if none)."""
+    if not rec:
+        return None
+    out = {"validation_tasks": rec["fitted_on"]["tasks"]}
+    for name in ("scale", "isotonic"):
+        if rec.get(name):
+            out[name] = {k: rec[name].get(k) for k in ("nll", "coverage50", "coverage90", "value")}
+    return out
 
 
 def machine_text() -> str:
@@ -365,7 +377,8 @@ def _pick_tasks(batch: Any, count: int = 2) -> list[int]:
 
 # ---------------------------------------------------------------------------- the markdown
 COLUMNS = ("method", "shots", "steps", "MSE", "NLL", "held-out lpd/point", "cov50", "cov90", "CRPS",
-           "calib. error MAE/RMSE", "calibration gap", "train wall time (s)", "tasks/s")
+           "calib. error MAE/RMSE", "calibration gap", "recal. width: NLL, cov50/90",
+           "recal. isotonic: NLL, cov50/90", "train wall time (s)", "tasks/s")
 
 
 def _pm(stat: dict[str, Any] | None, digits: int = 3) -> str:
@@ -377,6 +390,14 @@ def _pm(stat: dict[str, Any] | None, digits: int = 3) -> str:
 
 def _calibration_error_text(cal: dict[str, Any] | None) -> str:
     return "n/a" if not cal else f"{cal['mae']:.3f} / {cal['rmse']:.3f}"
+
+
+def _recal_text(rec: dict[str, Any] | None) -> str:
+    if not rec or not rec.get("coverage90"):
+        return "n/a"
+    nll = "n/a" if not rec.get("nll") else f"{rec['nll']['mean']:.3f}"
+    width = f" (x{rec['value']:.2f})" if rec.get("value") is not None else ""
+    return f"{nll}, {rec['coverage50']['mean']:.2f}/{rec['coverage90']['mean']:.2f}{width}"
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
@@ -398,6 +419,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
                  str(r["steps"]), _pm(m["mse"]), _pm(m["nll"]), _pm(m["heldout_lpd_per_point"]),
                  _pm(m["coverage50"], 2), _pm(m["coverage90"], 2), _pm(m.get("crps")),
                  _calibration_error_text(m.get("calibration_error")), f"{m['calibration']['gap']:.3f}",
+                 *(_recal_text((r.get("recalibrated") or {}).get(name)) for name in ("scale", "isotonic")),
                  f"{r['train_seconds']:.1f}", "n/a" if rate is None else f"{rate:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -424,7 +446,9 @@ def scoreboard_markdown(board: dict[str, Any]) -> str:
               "whose PIT F(y) is <= q, over 20 levels q from 0.05 to 0.95; calibration gap: mean |observed - nominal| "
               "coverage over the levels 0.05, 0.10, ..., 0.95 (calibration.png); train wall time: seconds in "
               "the training loop (evaluation not included); tasks/s: training tasks per second "
-              "(steps x meta-batch / train wall time). Rows marked (reference) are not trained: `prior` is the "
+              "(steps x meta-batch / train wall time). recal.: the run's predictive recalibrated on the benchmark's "
+              "validation tasks (never the test tasks): one width factor (its value in brackets), or Kuleshov et "
+              "al.'s isotonic map of the PIT (pyro_meta.recalibrate). Rows marked (reference) are not trained: `prior` is the "
               "family's exact prior predictive (it ignores the support set), `oracle` the exact posterior "
               "predictive given the support (pyro_meta.methods.reference); a method worse than `prior` has not "
               "learned to use its support.", ""]

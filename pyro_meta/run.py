@@ -21,7 +21,7 @@ import torch
 
 from . import distributed
 from .arviz import to_inference_data
-from .config import ConfigError, RunConfig
+from .config import REFERENCE_METHODS, ConfigError, RunConfig
 from .evaluate import evaluate, per_task_weights, predict
 from .io import atomic_write_json
 from .learner import MetaLearner
@@ -30,7 +30,7 @@ from .metrics import Z95
 from .plots import plot_regression_tasks, plot_reliability, plot_training_curve
 from .rundir import RunLock, clean_temp_files
 from .schedule import normalize_schedule
-from .tasks import Benchmark, get_benchmark
+from .tasks import Benchmark, TaskBatch, get_benchmark
 from .threads import apply_threads
 from .train import CHECKPOINT, METRICS, FitResult, fit, json_safe, load_checkpoint, resolve_device
 
@@ -290,9 +290,27 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, learner: Met
         return _evaluate_locked(run_dir, cfg, learner, bm)
 
 
+def recalibrate_run(run_dir: Path, cfg: RunConfig, learner: MetaLearner, val: TaskBatch) -> dict[str, Any]:
+    """Fit the recalibration maps (:mod:`pyro_meta.recalibrate`) on the validation tasks ``val`` (the only
+    tasks it is given) and write ``recalibration.json``."""
+    from .recalibrate import RECALIBRATION, fit_recalibration
+
+    val = val.to(distributed.rank_device(cfg.device, distributed.current()))
+    pred = predict(learner, val, num_samples=cfg.eval_samples, seed=cfg.seed, keep_latents=False)
+    recal = fit_recalibration(pred, val)
+    write_json_atomic(run_dir / RECALIBRATION, recal)
+    return recal
+
+
 def _evaluate_locked(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark) -> dict[str, Any]:
+    from .recalibrate import read_recalibration, recalibrated_metrics
+
+    # the maps come from the validation tasks, before the test tasks are predicted (the reference rows are
+    # exact predictives: nothing to recalibrate)
+    recal = None if cfg.method in REFERENCE_METHODS else \
+        read_recalibration(run_dir) or recalibrate_run(run_dir, cfg, learner, bm.val)
     test = bm.test.to(distributed.rank_device(cfg.device, distributed.current()))
-    metrics, _ = evaluate(learner, test, num_samples=cfg.eval_samples, seed=cfg.seed)
+    metrics, pred = evaluate(learner, test, num_samples=cfg.eval_samples, seed=cfg.seed)
     ckpt_step = load_checkpoint(run_dir / CHECKPOINT)["step"] if (run_dir / CHECKPOINT).exists() else None
     finished = ckpt_step is not None and ckpt_step >= cfg.steps
     if not finished:
@@ -303,6 +321,8 @@ def _evaluate_locked(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Be
               "num_test_tasks": test.num_tasks, "eval_queries": cfg.eval_queries,
               "eval_samples": cfg.eval_samples, "inner_steps_eval": cfg.inner_steps_eval,
               "metrics": metrics}
+    if recal is not None:
+        report["recalibrated"] = {"fitted_on": recal["fitted_on"], **recalibrated_metrics(pred, test, recal)}
     write_json_atomic(run_dir / EVAL, report)
     bad = metrics.get("nonfinite_tasks", {}).get("count", 0)
     if bad:
@@ -341,7 +361,10 @@ def write_netcdf(idata: Any, path: Path) -> Path:
 
 
 def finalize(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark) -> dict[str, Any]:
-    """``eval.json``, ``posterior.nc`` and the plots of a finished run."""
+    """``recalibration.json`` (fitted on the validation tasks), ``eval.json``, ``posterior.nc`` and the plots
+    of a finished run."""
+    if cfg.method not in REFERENCE_METHODS:
+        recalibrate_run(run_dir, cfg, learner, bm.val)
     report = evaluate_run(run_dir, cfg, learner, bm)
     export_run(run_dir, cfg, learner, bm)
     if bm.is_classification:
@@ -372,6 +395,17 @@ def format_metrics_table(reports: list[dict[str, Any]]) -> str:
         cells = " ".join(_stat_cell(m.get(c)) for c in cols) + _calibration_error_cell(m) + _lpd_cell(m)
         bad = m.get("nonfinite_tasks", {}).get("count", 0)
         lines.append(f"{r['method']:<8} {r['shots']:>5} {cells}" + (f"  ({bad} diverged tasks left out)" if bad else ""))
+        rec = r.get("recalibrated") or {}
+        for name, label in (("scale", "+scale"), ("isotonic", "+iso")):
+            if rec.get(name):
+                rm = rec[name]
+                cells = " ".join(_stat_cell(rm.get(c)) for c in cols) + _calibration_error_cell(rm)
+                value = f"  (width x {rm['value']:.3g})" if "value" in rm else ""
+                lines.append(f"{label:<8} {r['shots']:>5} {cells}{' ' * 18}{value}")
+    notes = {r["recalibrated"]["fitted_on"]["tasks"] for r in reports if r.get("recalibrated")}
+    if notes:
+        lines.append(f"+scale / +iso: recalibrated (one width factor / Kuleshov's isotonic map of the PIT) on "
+                     f"{', '.join(map(str, sorted(notes)))} validation tasks, never the test tasks (recalibration.json)")
     return "\n".join(lines)
 
 
@@ -405,6 +439,12 @@ def _format_classification(reports: list[dict[str, Any]]) -> str:
         bad = m.get("nonfinite_tasks", {}).get("count", 0)
         lines.append(f"{r['method']:<8} {r.get('ways', ''):>4} {r['shots']:>5} {cells} {m['ece']['value']:>6.4f} "
                      f"{m['mce']['value']:>6.4f}" + _lpd_cell(m) + (f"  ({bad} diverged tasks left out)" if bad else ""))
+        t = (r.get("recalibrated") or {}).get("temperature")
+        if t:
+            cells = " ".join(f"{t[c]['mean']:>9.4f} +-{t[c]['ci95']:>6.4f}" for c in ("accuracy", "nll", "brier"))
+            lines.append(f"{'+temp':<8} {r.get('ways', ''):>4} {r['shots']:>5} {cells} {t['ece']['value']:>6.4f} "
+                         f"{t['mce']['value']:>6.4f}  (T = {t['value']:.3g}, fitted on "
+                         f"{r['recalibrated']['fitted_on']['tasks']} validation tasks)")
     return "\n".join(lines)
 
 

@@ -193,7 +193,7 @@ def test_compare_cli_tiny(tmp_path):
     assert "Command: `pyro-meta compare --methods maml abml --benchmarks sinusoid_line --shots 1 2 --steps 3" in text
     assert "Machine: " in text and "torch " in text
     assert "## sinusoid_line, equal iterations (3 steps)" in text and "## sinusoid_line, equal wall time" in text
-    assert "| cov90 | CRPS | calib. error MAE/RMSE | calibration gap |" in text
+    assert "| cov90 | CRPS | calib. error MAE/RMSE | calibration gap | recal. width: NLL, cov50/90 |" in text
     for method in ("maml", "abml"):
         for k in (1, 2):
             assert sum(line.startswith(f"| {method} | {k} |") for line in text.splitlines()) == 2  # both modes
@@ -216,6 +216,9 @@ def test_compare_cli_tiny(tmp_path):
         assert row["metrics"]["crps"]["n"] == 5 and row["metrics"]["crps"]["mean"] > 0
         assert 0 <= row["metrics"]["calibration_error"]["mae"] <= row["metrics"]["calibration_error"]["rmse"] <= 1
         assert row["tasks_per_second"] > 0 and row["train_seconds"] > 0
+        # raw and recalibrated side by side (maps fitted on the validation tasks)
+        assert row["recalibrated"]["validation_tasks"] > 0 and row["recalibrated"]["scale"]["value"] > 0
+        assert 0 <= row["recalibrated"]["isotonic"]["coverage90"]["mean"] <= 1
         if mode == "iterations":
             assert row["steps"] == 3
         else:  # stopped by its cell's budget, the median of the cell's equal-iteration times

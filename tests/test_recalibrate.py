@@ -1,0 +1,100 @@
+"""Recalibration on validation tasks (issue 28): the width scale and the isotonic PIT map restore a
+predictive known to be twice too narrow; temperature scaling undoes logits twice too sharp; a finished
+run fits its maps on the validation tasks alone and reports raw and recalibrated metrics side by side."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from pyro_meta import TaskBatch
+from pyro_meta.config import RunConfig
+from pyro_meta.evaluate import Prediction, regression_metrics
+from pyro_meta.recalibrate import RECALIBRATION, fit_recalibration, recalibrated_metrics
+
+
+def narrow_gaussian(t: int, q: int, seed: int, s: int = 3) -> tuple[Prediction, TaskBatch]:
+    """Tasks y ~ N(mu_t, 1) and a predictive of S equal Normal(mu_t, 0.5) draws: twice too narrow."""
+    g = torch.Generator().manual_seed(seed)
+    mu = 3 * torch.randn(t, 1, 1, generator=g, dtype=torch.float64)
+    y = mu + torch.randn(t, q, 1, generator=g, dtype=torch.float64)
+    mean = mu.expand(t, q, 1).expand(s, t, q, 1)
+    std = torch.full_like(mean, 0.5)
+    pred = Prediction(latents={}, per_task=(), mean=mean, stddev=std,
+                      log_lik=torch.distributions.Normal(mean, std).log_prob(y).sum(-1), y_draws=mean.clone(),
+                      gaussian=True)
+    x = torch.zeros(t, q, 1, dtype=torch.float64)
+    return pred, TaskBatch(x[:, :1], y[:, :1], x, y)
+
+
+def test_a_predictive_twice_too_narrow_is_widened_by_two():
+    val_pred, val = narrow_gaussian(300, 40, seed=0)
+    recal = fit_recalibration(val_pred, val)
+    assert abs(recal["scale"] - 2.0) < 0.05, recal["scale"]
+    assert recal["fitted_on"] == {"set": "validation", "tasks": 300, "left_out_nonfinite": 0, "points": 12000}
+    test_pred, test = narrow_gaussian(300, 40, seed=1)
+    raw = regression_metrics(test_pred, test)
+    out = recalibrated_metrics(test_pred, test, recal)
+    assert raw["coverage90"]["mean"] < 0.7  # P(|z| < 1.645 / 2) = 0.59
+    for name in ("scale", "isotonic"):
+        m = out[name]
+        assert abs(m["coverage50"]["mean"] - 0.5) < 0.02 and abs(m["coverage90"]["mean"] - 0.9) < 0.02, (name, m)
+        assert m["calibration_error"]["mae"] < 0.02 < raw["calibration_error"]["mae"]
+        assert m["nll"]["mean"] < raw["nll"]["mean"] - 0.3
+    # the exact NLL of the widened predictive: N(mu, 1)
+    exact = -torch.distributions.Normal(0.0, 1.0).log_prob(test.y_query - test_pred.mean[0]).mean()
+    assert abs(out["scale"]["nll"]["mean"] - float(exact)) < 0.01
+    assert out["scale"]["mse"]["mean"] == raw["mse"]["mean"]  # the mean is kept
+
+
+def test_temperature_undoes_logits_twice_too_sharp():
+    g = torch.Generator().manual_seed(0)
+
+    def tasks(seed: int) -> tuple[Prediction, TaskBatch]:
+        g.manual_seed(seed)
+        logits = torch.randn(200, 30, 5, generator=g, dtype=torch.float64)
+        y = torch.distributions.Categorical(logits=logits).sample()
+        sharp = torch.softmax(2 * logits, -1)
+        lp = sharp.log().gather(-1, y.unsqueeze(-1))[..., 0]
+        pred = Prediction(latents={}, per_task=(), mean=sharp.unsqueeze(0), stddev=None, log_lik=lp.unsqueeze(0),
+                          y_draws=y.unsqueeze(0), gaussian=False)
+        x = torch.zeros(200, 30, 1)
+        return pred, TaskBatch(x[:, :5], y[:, :5], x, y)
+
+    recal = fit_recalibration(*tasks(1))
+    assert recal["kind"] == "classification" and abs(recal["temperature"] - 2.0) < 0.15, recal
+    pred, test = tasks(2)
+    out = recalibrated_metrics(pred, test, recal)["temperature"]
+    assert out["ece"]["value"] < 0.03
+    assert out["nll"]["mean"] < float(-pred.log_lik.mean()) - 0.1
+
+
+def test_a_finished_run_recalibrates_on_validation_tasks_only(tmp_path, monkeypatch):
+    """The maps are fitted on the benchmark's validation tasks (the only batch the fit sees), stored in the
+    run directory, and eval.json reports the recalibrated metrics beside the raw ones."""
+    import pyro_meta.recalibrate as R
+    from pyro_meta.run import benchmark_of, train_run
+
+    seen = []
+    real = R.fit_recalibration
+
+    def spy(pred, batch):  # noqa: ANN001, ANN202
+        seen.append(batch)
+        return real(pred, batch)
+
+    monkeypatch.setattr(R, "fit_recalibration", spy)
+    cfg = RunConfig(benchmark="sinusoid_line", method="maml", steps=3, meta_batch=2, hidden=[8],
+                    num_test_tasks=5, num_val_tasks=7, eval_queries=9, threads=1)
+    out = tmp_path / "run"
+    train_run(cfg, out, progress=False)
+    bm = benchmark_of(cfg)
+    assert len(seen) == 1 and torch.equal(seen[0].y_query.cpu(), bm.val.y_query)
+    assert not torch.equal(seen[0].x_query.cpu()[:5], bm.test.x_query)
+    recal = json.loads((out / RECALIBRATION).read_text())
+    assert recal["fitted_on"]["tasks"] == 7 and recal["scale"] > 0
+    ev = json.loads((out / "eval.json").read_text())
+    for name in ("scale", "isotonic"):
+        assert math.isfinite(ev["recalibrated"][name]["coverage90"]["mean"])
+    assert ev["recalibrated"]["fitted_on"]["set"] == "validation"
