@@ -172,7 +172,8 @@ def _row(name: str, cfg: dict[str, Any], mode: str, report: dict[str, Any], out:
                         # absent from an eval.json written before these metrics existed
                         "crps": m.get("crps"), "calibration_error": m.get("calibration_error"),
                         "heldout_lpd_per_point": {"mean": lpd["per_point"], "ci95": None if se is None else Z95 * se},
-                        "calibration": m["calibration"], "nonfinite_tasks": m.get("nonfinite_tasks")},
+                        "calibration": m["calibration"], "nonfinite_tasks": m.get("nonfinite_tasks"),
+                        "absurd_tasks": m.get("absurd_tasks")},
             "recalibrated": _recalibrated(report.get("recalibrated"))}
 
 
@@ -413,7 +414,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
             continue
         m = r["metrics"]
         rate = r.get("tasks_per_second")
-        bad = (m.get("nonfinite_tasks") or {}).get("count", 0)
+        bad = (m.get("nonfinite_tasks") or {}).get("count", 0) + (m.get("absurd_tasks") or {}).get("count", 0)
         name = r["method"] + (" (reference)" if r.get("mode") == "reference" else "")
         cells = [name + (f" ({bad} diverged test tasks left out)" if bad else ""), str(r["shots"]),
                  str(r["steps"]), _pm(m["mse"]), _pm(m["nll"]), _pm(m["heldout_lpd_per_point"]),

@@ -396,9 +396,11 @@ def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str
     pooled, ``{"mae", "rmse", "levels": 20, "n": points, "tasks": T}``
     (:func:`~pyro_meta.metrics.pit_calibration_error` of :func:`predictive_pit`).
 
-    Tasks with a non-finite prediction (a diverged inner loop) are left out of these means and
-    counted in ``"nonfinite_tasks"``; ``n`` says how many tasks each mean is over.
+    Tasks with a non-finite prediction (a diverged inner loop), or an absurd one (:func:`absurd_tasks`), are
+    left out of these means, counted and named in ``"nonfinite_tasks"`` and ``"absurd_tasks"``; ``n`` says how
+    many tasks each mean is over.
     """
+    dropped = dropped_tasks(pred, batch)
     pred, y, bad = _finite_only(pred, batch)
     out = {
         "mse": M.mean_ci(M.squared_error(pred.predictive_mean(), y)),
@@ -416,8 +418,7 @@ def regression_metrics(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str
         out["heldout_lpd"] = {**h, "total": h["pointwise_total"], "per_point": h["pointwise_total"] / h["points"],
                               "se": float("nan"), "per_point_se": float("nan"), "mc_se": 0.0, "joint": False}
     out["calibration"] = M.calibration_curve(coverage, levels)
-    out["nonfinite_tasks"] = {"count": bad, "of": batch.num_tasks}
-    return out
+    return {**out, **dropped}
 
 
 def _points(log_lik: Tensor) -> Tensor:
@@ -425,14 +426,45 @@ def _points(log_lik: Tensor) -> Tensor:
     return log_lik.flatten(2) if log_lik.dim() > 3 else log_lik
 
 
+# a regression task whose predictive mean anywhere exceeds this many times the largest |y| among the
+# evaluation batch's support targets is absurd (a diverged adaptation that stayed finite): counted, named and
+# left out of the means, as the non-finite ones
+ABSURD_FACTOR = 100.0
+
+
+def absurd_tasks(pred: Prediction, batch: TaskBatch) -> Tensor:
+    """``[T]`` bool: regression tasks whose predictive mean at some query point is more than
+    :data:`ABSURD_FACTOR` times the largest ``|y|`` of the batch's support targets, or than the factor itself
+    when that is below 1 (finite, but a diverged
+    adaptation: PLATIPUS's blow-ups reached a test MSE of 1e8). Classification: none."""
+    if batch.is_classification or pred.mean is None:
+        return torch.zeros(batch.num_tasks, dtype=torch.bool, device=pred.mean.device)
+    scale = batch.y_support.abs().max().clamp(min=1.0).to(pred.mean.device)  # at least 1: a flat support
+    big = pred.mean.abs() > ABSURD_FACTOR * scale  # S T Q O
+    return big.flatten(2).any(-1).any(0) & finite_tasks(pred)
+
+
+def dropped_tasks(pred: Prediction, batch: TaskBatch) -> dict[str, dict[str, Any]]:
+    """What ``eval.json`` says about the tasks left out of the means: ``nonfinite_tasks`` and
+    ``absurd_tasks``, each ``{"count", "of", "tasks"}`` (the tasks' indices in the evaluation batch)."""
+    nonfinite, absurd = ~finite_tasks(pred), absurd_tasks(pred, batch)
+    out = {}
+    for name, mask in (("nonfinite_tasks", nonfinite), ("absurd_tasks", absurd)):
+        out[name] = {"count": int(mask.sum()), "of": batch.num_tasks,
+                     "tasks": mask.nonzero()[:, 0].tolist()}
+    out["absurd_tasks"]["rule"] = (f"a predictive mean beyond {ABSURD_FACTOR:g} x max(1, the largest |y| of the "
+                                   "support targets)")
+    return out
+
+
 def _finite_only(pred: Prediction, batch: TaskBatch) -> tuple[Prediction, Tensor, int]:
     y = batch.y_query
     if y is None:
         raise ValueError("metrics need query labels; this TaskBatch has y_query=None")
-    keep = finite_tasks(pred)
+    keep = finite_tasks(pred) & ~absurd_tasks(pred, batch)
     bad = int((~keep).sum())
     if bad == batch.num_tasks:
-        raise FloatingPointError(f"every one of the {bad} evaluation tasks gave a non-finite prediction")
+        raise FloatingPointError(f"every one of the {bad} evaluation tasks gave a non-finite or absurd prediction")
     if bad:
         pred, y = _select_tasks(pred, keep), y[keep]
     return pred, y, bad

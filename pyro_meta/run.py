@@ -324,11 +324,19 @@ def _evaluate_locked(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Be
     if recal is not None:
         report["recalibrated"] = {"fitted_on": recal["fitted_on"], **recalibrated_metrics(pred, test, recal)}
     write_json_atomic(run_dir / EVAL, report)
-    bad = metrics.get("nonfinite_tasks", {}).get("count", 0)
+    bad = dropped_count(metrics)
     if bad:
-        print(f"warning: {bad} of {test.num_tasks} test tasks gave non-finite predictions (their inner loop "
-              f"diverged); the metrics are over the other {test.num_tasks - bad}", flush=True)
+        absurd = metrics.get("absurd_tasks", {})
+        print(f"warning: {bad} of {test.num_tasks} test tasks gave non-finite or absurd predictions (their "
+              f"adaptation diverged; tasks {(metrics['nonfinite_tasks'].get('tasks', []) + absurd.get('tasks', []))[:10]}"
+              f"{', ...' if bad > 10 else ''}, in eval.json); the metrics are over the other {test.num_tasks - bad}",
+              flush=True)
     return report
+
+
+def dropped_count(m: dict[str, Any]) -> int:
+    """Test tasks left out of a report's means: non-finite and absurd predictions."""
+    return sum((m.get(k) or {}).get("count", 0) for k in ("nonfinite_tasks", "absurd_tasks"))
 
 
 def export_run(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark) -> Path:
@@ -393,7 +401,7 @@ def format_metrics_table(reports: list[dict[str, Any]]) -> str:
     for r in reports:
         m = r["metrics"]
         cells = " ".join(_stat_cell(m.get(c)) for c in cols) + _calibration_error_cell(m) + _lpd_cell(m)
-        bad = m.get("nonfinite_tasks", {}).get("count", 0)
+        bad = dropped_count(m)
         lines.append(f"{r['method']:<8} {r['shots']:>5} {cells}" + (f"  ({bad} diverged tasks left out)" if bad else ""))
         rec = r.get("recalibrated") or {}
         for name, label in (("scale", "+scale"), ("isotonic", "+iso")):

@@ -120,7 +120,7 @@ def test_regression_metrics_adds_the_curve_and_keeps_its_keys(gaussian):
     batch = TaskBatch(torch.zeros(t, 1, 1), torch.zeros(t, 1, 1), torch.zeros(t, q, 1), y.float())
     m = regression_metrics(pred, batch)
     assert set(m) == {"mse", "nll", "coverage50", "coverage90", "crps", "calibration_error", "heldout_lpd",
-                      "calibration", "nonfinite_tasks"}
+                      "calibration", "nonfinite_tasks", "absurd_tasks"}
     cal = m["calibration"]
     assert set(cal) == {"levels", "observed", "ci95", "gap", "max_gap", "n"} and len(cal["observed"]) == 19
     assert_close(cal["observed"][cal["levels"].index(0.5)], m["coverage50"]["mean"], rtol=0, atol=1e-9)

@@ -266,3 +266,28 @@ def test_past_the_exact_cap_the_crps_of_many_draws_is_their_energy_form():
     exact = M.gaussian_mixture_crps(y, loc, scale).flatten(1).mean(-1)
     assert_close(predictive_crps(pred, y), exact, atol=0.01, rtol=0)
     assert_close(predictive_crps(pred, y), M.sample_crps(y, draws).flatten(1).mean(-1), rtol=1e-12)
+
+
+def test_diverged_and_absurd_tasks_are_counted_named_and_left_out():
+    """Issue 28: a task whose prediction is non-finite (task 1) or finite but absurd (task 3: a mean of 1e6
+    where the support targets stay within 2) is counted and named in the metrics and left out of the means,
+    which are over the other tasks."""
+    from pyro_meta import TaskBatch
+    from pyro_meta.evaluate import Prediction, regression_metrics
+
+    g = torch.Generator().manual_seed(0)
+    t, q = 5, 8
+    y = torch.randn(t, q, 1, generator=g, dtype=torch.float64)
+    mean = torch.zeros(2, t, q, 1, dtype=torch.float64)
+    mean[:, 1] = float("nan")
+    mean[1, 3, 4] = 1e6
+    std = torch.ones_like(mean)
+    log_lik = torch.distributions.Normal(mean, std, validate_args=False).log_prob(y).sum(-1)
+    pred = Prediction({}, (), mean, std, log_lik, mean.clone(), gaussian=True)
+    support = torch.clamp(torch.randn(t, 3, 1, generator=g, dtype=torch.float64), -2, 2)
+    m = regression_metrics(pred, TaskBatch(torch.zeros(t, 3, 1), support, torch.zeros(t, q, 1), y))
+    assert m["nonfinite_tasks"] == {"count": 1, "of": 5, "tasks": [1]}
+    assert m["absurd_tasks"]["count"] == 1 and m["absurd_tasks"]["tasks"] == [3] and "100" in m["absurd_tasks"]["rule"]
+    assert m["mse"]["n"] == 3
+    keep = [0, 2, 4]
+    assert abs(m["mse"]["mean"] - float((y[keep] ** 2).mean())) < 1e-9
