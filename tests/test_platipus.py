@@ -28,12 +28,12 @@ PARAMS = ["model.mu", "model.log_sigma", "model.log_gamma_p", "guide.log_v_q", "
           "model.likelihood.raw_noise"]
 
 
-def _setup(first_order: bool = False, kl_estimator: str = "analytic"):
+def _setup(first_order: bool = False, kl_estimator: str = "analytic", noise_scaled_lr: bool = False):
     """A [1, 4, 1] MLP, 3 tasks of 4 support and 6 query points, float64, a learned noise (so its
     gradient through the inner loops is checked too), gammas and sigma away from their defaults."""
     cfg = RunConfig(method="platipus", hidden=[4], inner_steps=2, first_order=first_order, meta_batch=3,
                     learn_noise=True, noise_std=0.5, gamma_init=0.05, inner_lr=0.05, prior_init_std=0.2,
-                    kl_estimator=kl_estimator)
+                    kl_estimator=kl_estimator, noise_scaled_lr=noise_scaled_lr)
     learner = build_learner(cfg).double()
     with torch.no_grad():  # q and p of different widths, so every term of the KL has a gradient
         learner.model.log_sigma.add_(0.3 * torch.randn(learner.model.log_sigma.shape, dtype=torch.float64))
@@ -56,18 +56,19 @@ def _fd_grad(learner, batch, name, idx):
     return central_differences(lambda: _loss(learner, batch), dict(learner.named_parameters())[name], idx, EPS)
 
 
-@pytest.mark.parametrize("kl_estimator", ["analytic", "mc"])
-def test_second_order_meta_gradient_matches_finite_differences(kl_estimator):
+@pytest.mark.parametrize("kl_estimator, noise_scaled_lr", [("analytic", False), ("mc", False), ("analytic", True)])
+def test_second_order_meta_gradient_matches_finite_differences(kl_estimator, noise_scaled_lr):
     """d loss / d (mu, log sigma, log gamma_p, log v_q, log gamma_q, noise): central differences,
-    step 1e-6, rtol 1e-5 (float64), through the prior's and q's gradient steps and the K inner steps."""
-    learner, batch = _setup(kl_estimator=kl_estimator)
+    step 1e-6, rtol 1e-5 (float64), through the prior's and q's gradient steps and the K inner steps
+    (with ``noise_scaled_lr`` also through the noise in the inner step size)."""
+    learner, batch = _setup(kl_estimator=kl_estimator, noise_scaled_lr=noise_scaled_lr)
     for name in PARAMS:
         p = dict(learner.named_parameters())[name]
         idx = list(range(min(p.numel(), 13)))
         g = _autograd(learner, batch, name)[idx]
         fd = _fd_grad(learner, batch, name, idx)
         assert g.abs().max() > 1e-4, f"{name}: gradient is ~0, the check would be vacuous"
-        assert_close(g, fd, rtol=1e-5, atol=1e-7, msg=f"{kl_estimator} {name}")
+        assert_close(g, fd, rtol=1e-5, atol=1e-7, msg=f"{kl_estimator} {noise_scaled_lr} {name}")
 
 
 def test_first_order_differs_from_second_order():
@@ -246,3 +247,21 @@ def test_a_user_regression_family_trains_and_evaluates():
         assert metrics["mse"]["n"] == 6 and pred.mean.shape == (3, 6, bench.test.num_query, 2)
     finally:
         unregister_benchmark("platipus_linear2")
+
+
+def test_noise_scaled_step_is_the_squared_error_step():
+    """With noise_scaled_lr the K inner steps from the same theta give the same phi whatever the noise (the
+    step on (y - f)^2 / (2 s^2) times s^2 is the step on (y - f)^2 / 2); without it they differ."""
+    phis = {}
+    for scaled in (False, True):
+        for noise in (0.3, 1.5):
+            learner, batch = _setup(noise_scaled_lr=scaled)
+            m = learner.model
+            with torch.no_grad():  # the learned noise set to exactly `noise` (softplus(raw) + min_noise)
+                v = torch.tensor(noise - m.likelihood.min_noise, dtype=torch.float64)
+                m.likelihood.raw_noise.copy_(v + torch.log(-torch.expm1(-v)))
+            assert abs(float(m.likelihood.noise_std) - noise) < 1e-12
+            theta = m.mu.detach().expand(batch.num_tasks, 1, -1).clone()
+            phis[(scaled, noise)] = m.adapt(theta, batch).detach()
+    assert torch.allclose(phis[(True, 0.3)], phis[(True, 1.5)], rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(phis[(False, 0.3)], phis[(False, 1.5)], rtol=1e-3)

@@ -14,7 +14,8 @@ from .common import REGRESSION, MethodInfo, elbo, init_weights, likelihood_text,
 
 def build(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
     model = PlatipusModel(net, make_likelihood(cfg), init_weights(net, cfg.seed), cfg.prior_init_std,
-                          cfg.gamma_init, cfg.inner_steps, cfg.inner_steps_eval, cfg.inner_lr, cfg.first_order)
+                          cfg.gamma_init, cfg.inner_steps, cfg.inner_steps_eval, cfg.inner_lr, cfg.first_order,
+                          cfg.noise_scaled_lr)
     guide = PlatipusGuide(model, cfg.prior_init_std, cfg.gamma_init)
     return MetaLearner(model, guide, elbo(cfg.kl_estimator), name="platipus", protocol=protocol(cfg),
                        predictive_guide=PlatipusPredictiveGuide(model))
@@ -37,7 +38,9 @@ def protocol(cfg: RunConfig) -> dict[str, Any]:
         "inner_loss": "mean Gaussian NLL per support point (likelihood.point_loss), also the L of the "
                       "gradient steps of the prior (support) and of q (query)",
         "inner_steps": {"train": cfg.inner_steps, "test": cfg.inner_steps_eval},
-        "inner_step_size": f"alpha = {cfg.inner_lr:g} (plain SGD, fixed)",
+        "inner_step_size": (f"alpha x s^2 = {cfg.inner_lr:g} x (current noise std)^2 (noise_scaled_lr: a step of "
+                            f"{cfg.inner_lr:g} on the squared error; not the paper's)" if cfg.noise_scaled_lr
+                            else f"alpha = {cfg.inner_lr:g} (plain SGD, fixed)"),
         "gamma_init": f"gamma_p = gamma_q = {cfg.gamma_init:g} at the start, both learned",
         "parameterizations": "log sigma, log v_q (log variance), log gamma_p, log gamma_q (positive step sizes, "
                              "relative Adam steps); the logs of sigma, sqrt(v_q) and the gammas clamped to "
@@ -79,7 +82,7 @@ def defaults(benchmark: str, ways: int | None, shots: int) -> dict[str, Any]:
     else:
         steps = {"noise_std": MSE_NOISE_STD, "inner_lr": 0.01, "gamma_init": 0.01}
     return {"inner_steps": 5, "inner_steps_eval": 10, **steps, "learn_noise": False, "prior_init_std": 0.1,
-            "kl_estimator": "analytic", "eval_samples": 100}
+            "kl_estimator": "analytic", "eval_samples": 100, "noise_scaled_lr": False}
 
 
 RECIPE = MethodInfo(

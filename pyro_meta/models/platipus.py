@@ -50,11 +50,15 @@ class PlatipusModel(WeightSpaceModel):
     :param inner_steps: K in meta-training; :param inner_steps_eval: K at evaluation.
     :param inner_lr: the inner SGD step size alpha (fixed).
     :param first_order: detach the inner gradients (of the prior's step and of the K steps).
+    :param noise_scaled_lr: the K steps' size is ``alpha * s^2``, ``s`` the likelihood's current noise std:
+        the step on the NLL ``(y - f)^2 / (2 s^2)`` is then the step ``alpha`` on the squared error whatever
+        the noise, so a learned noise that grows does not stall the adaptation (issue 28; the paper's step is
+        fixed). Differentiable in ``s``.
     """
 
     def __init__(self, net: FunctionalNet, likelihood: Likelihood, init: Tensor, prior_init_std: float = 0.1,
                  gamma_init: float = 0.01, inner_steps: int = 5, inner_steps_eval: int = 10,
-                 inner_lr: float = 0.002, first_order: bool = False):
+                 inner_lr: float = 0.002, first_order: bool = False, noise_scaled_lr: bool = False):
         super().__init__(net, likelihood, score="query")
         for name, v in (("prior_init_std", prior_init_std), ("gamma_init", gamma_init), ("inner_lr", inner_lr)):
             if not (v > 0 and math.isfinite(v)):
@@ -65,7 +69,7 @@ class PlatipusModel(WeightSpaceModel):
         self.log_sigma = nn.Parameter(torch.full_like(init, math.log(prior_init_std)))
         self.log_gamma_p = nn.Parameter(torch.tensor(math.log(gamma_init), dtype=init.dtype))
         self.inner_steps, self.inner_steps_eval = inner_steps, inner_steps_eval
-        self.inner_lr, self.first_order = inner_lr, first_order
+        self.inner_lr, self.first_order, self.noise_scaled_lr = inner_lr, first_order, noise_scaled_lr
 
     @property
     def sigma(self) -> Tensor:
@@ -95,8 +99,11 @@ class PlatipusModel(WeightSpaceModel):
     def adapt(self, theta: Tensor, batch: TaskBatch) -> Tensor:
         """phi: K SGD steps on the support loss from ``theta [..., T, 1, D]`` (same shape)."""
         steps = self.inner_steps if self.training else self.inner_steps_eval
+        lr = self.inner_lr
+        if self.noise_scaled_lr:
+            lr = self.inner_lr * self.likelihood.noise_std.to(theta.dtype) ** 2
         (phi,) = sgd_adapt(lambda w: self.set_loss(w, batch.x_support, batch.y_support), (theta,), steps,
-                           self.inner_lr, self.first_order)
+                           lr, self.first_order)
         return phi
 
     def forward(self, batch: TaskBatch) -> Tensor:
