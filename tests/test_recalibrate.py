@@ -71,9 +71,11 @@ def test_temperature_undoes_logits_twice_too_sharp():
     assert out["nll"]["mean"] < float(-pred.log_lik.mean()) - 0.1
 
 
-def test_a_finished_run_recalibrates_on_validation_tasks_only(tmp_path, monkeypatch):
+def test_a_finished_run_recalibrates_on_validation_tasks_only(tmp_path, monkeypatch, capsys):
     """The maps are fitted on the benchmark's validation tasks (the only batch the fit sees), stored in the
-    run directory, and eval.json reports the recalibrated metrics beside the raw ones."""
+    run directory, and eval.json reports the recalibrated metrics beside the raw ones. A 3-step MAML is
+    worse than the prior predictive: eval.json and a warning line say so, with the prior row's NLL computed
+    on the same test tasks."""
     import pyro_meta.recalibrate as R
     from pyro_meta.run import benchmark_of, train_run
 
@@ -98,3 +100,6 @@ def test_a_finished_run_recalibrates_on_validation_tasks_only(tmp_path, monkeypa
     for name in ("scale", "isotonic"):
         assert math.isfinite(ev["recalibrated"][name]["coverage90"]["mean"])
     assert ev["recalibrated"]["fitted_on"]["set"] == "validation"
+    vp = ev["versus_prior"]
+    assert vp["tasks"] == 5 and vp["worse"] is True and vp["method_nll"] > vp["prior_nll"] > 1.5
+    assert "worse than knowing nothing" in capsys.readouterr().out
