@@ -189,7 +189,12 @@ def test_protocol_states_every_choice():
     assert "last layer" in last["per_task_weights"] and "fixed" in last["prior"]
     assert last["conditioning_set_train"] == "support + query"
     line = resolve(RunConfig(method="amortized", benchmark="sinusoid_line"))
-    assert line.noise_std == 0.3 and line.learn_noise is False
+    # issue 28's measured defaults there: the predictive objective, a learned noise from the data's 0.3, the
+    # last layer amortized, a wider network and 45 training targets; elsewhere the earlier ones
+    assert line.noise_std == 0.3 and line.learn_noise is True and line.objective == "query"
+    assert line.amortize == "last" and line.hidden == [100, 100, 100] and line.queries == 45
+    sine = resolve(RunConfig(method="amortized", benchmark="sinusoid"))
+    assert sine.objective == "joint" and sine.hidden == [40, 40] and sine.queries == sine.shots
 
 
 def test_bad_settings_are_refused_clearly():

@@ -107,7 +107,9 @@ def resolve(cfg: RunConfig) -> RunConfig:
         given = [k for k in CLASSIFICATION_FIELDS if getattr(cfg, k) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)}: setting(s) of classification benchmarks, not of {cfg.benchmark!r}")
-    own = info.run_defaults if not classification else {}  # the method's own win over the benchmark's
+    own = {}  # the method's own win over the benchmark's
+    if not classification:
+        own = info.run_defaults(cfg.benchmark) if callable(info.run_defaults) else info.run_defaults
     for name, v in {**protocol_defaults(cfg.benchmark, cfg.method, cfg.ways, cfg.shots), **own}.items():
         if getattr(cfg, name) is None:
             updates[name] = v

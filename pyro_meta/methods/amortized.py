@@ -84,8 +84,16 @@ def defaults(benchmark: str, ways: int | None, shots: int) -> dict[str, Any]:
     # - amortize="last" (joint, fixed noise, L = 1, seed 0): 0.55 / 1.15 / 0.96 (5.9 ms a step at L = 4):
     #   the last layer alone is easier to amortize; "all" stays the default, the method's definition.
     if benchmark == "sinusoid_line":
-        noise = {"noise_std": 0.3, "learn_noise": False}  # the data's known noise
-    elif benchmark == "sinusoid":
+        # issue 28, measured on sinusoid_line (5 shots, seed 0, 3,000 steps, 600 test tasks; MSE / NLL / 90%
+        # coverage; experiments/RESULTS_weightspace.md): the defaults above (joint, all weights, fixed noise
+        # 0.3) 2.07 / 5.63 / 0.69; query + learned noise 2.84 / 1.94 / 0.91; + last layer 2.58 / 1.89 / 0.89;
+        # + 45 training targets 1.31 / 1.55 / 0.92; + a 1-100-100-100-1 network and a 3 x 128 encoder
+        # 1.12 / 1.47 / 0.92 (20,000 steps: 0.69 / 1.24 / 0.94). The query objective scores the test path
+        # (q from the support alone); the 45 targets (RUN_DEFAULTS) outweigh the KL's pull to the prior.
+        return {"objective": "query", "kl_estimator": "analytic", "train_samples": 4,
+                "encoder_hidden": [128, 128, 128], "amortize": "last", "learned_prior": True, "prior_init_std": 0.1,
+                "eval_samples": 100, "noise_std": 0.3, "learn_noise": True}
+    if benchmark == "sinusoid":
         noise = {"noise_std": MSE_NOISE_STD, "learn_noise": False}
     else:
         noise = {"noise_std": 0.1, "learn_noise": True}
@@ -93,6 +101,12 @@ def defaults(benchmark: str, ways: int | None, shots: int) -> dict[str, Any]:
             "amortize": "all", "learned_prior": True, "prior_init_std": 0.1, "eval_samples": 100, **noise}
 
 
+def run_defaults(benchmark: str) -> dict[str, Any]:
+    """The benchmark-level settings amortized VI sets itself: on ``sinusoid_line`` a 1-100-100-100-1 network
+    and 45 target points per training task (measured: see :func:`defaults`)."""
+    return {"hidden": [100, 100, 100], "queries": 45} if benchmark == "sinusoid_line" else {}
+
+
 RECIPE = MethodInfo(
     "amortized", "amortized VI: a set encoder of the support pairs gives a Gaussian over the task MLP's weights",
-    defaults, build, protocol, REGRESSION, objectives=AMORTIZED_OBJECTIVES)
+    defaults, build, protocol, REGRESSION, objectives=AMORTIZED_OBJECTIVES, run_defaults=run_defaults)

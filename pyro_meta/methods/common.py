@@ -39,6 +39,7 @@ class MethodInfo:
         only fills settings that are still ``None``.
     :param run_defaults: benchmark-level settings (``meta_lr``, ``hidden``, ...) whose default this method
         sets itself on the regression benchmarks: they win over :func:`~pyro_meta.methods.protocol_defaults`.
+        A dict, or ``run_defaults(benchmark) -> dict`` where they differ by benchmark.
     """
 
     name: str
@@ -50,7 +51,7 @@ class MethodInfo:
     objectives: tuple[str, ...] = field(default=())
     network: str = "task"
     dependent: Callable[[RunConfig], dict[str, Any]] | None = None
-    run_defaults: dict[str, Any] = field(default_factory=dict, hash=False)
+    run_defaults: dict[str, Any] | Callable[[str], dict[str, Any]] = field(default_factory=dict, hash=False)
 
 
 def make_net(cfg: RunConfig, features_only: bool = False) -> FunctionalNet:
