@@ -69,7 +69,8 @@ def rescale(pred: Prediction, s: float, y: Tensor | None) -> Prediction:
     m = pred.predictive_mean()  # T Q O
     mean = m + s * (pred.mean - m)
     std = s * pred.stddev
-    log_lik = None if y is None else torch.distributions.Normal(mean, std).log_prob(y).sum(-1)
+    # no argument validation: a diverged task (non-finite draws) is left out by the metrics, not an error here
+    log_lik = None if y is None else torch.distributions.Normal(mean, std, validate_args=False).log_prob(y).sum(-1)
     return replace(pred, mean=mean, stddev=std, log_lik=log_lik, y_draws=m + s * (pred.y_draws - m))
 
 

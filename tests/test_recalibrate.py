@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import torch
 
@@ -103,3 +104,17 @@ def test_a_finished_run_recalibrates_on_validation_tasks_only(tmp_path, monkeypa
     vp = ev["versus_prior"]
     assert vp["tasks"] == 5 and vp["worse"] is True and vp["method_nll"] > vp["prior_nll"] > 1.5
     assert "worse than knowing nothing" in capsys.readouterr().out
+
+
+def test_a_diverged_test_task_is_left_out_of_the_recalibrated_metrics_too():
+    """A test task with non-finite draws (a diverged adaptation) is no error under the width map: it is
+    left out and counted, as in the raw metrics."""
+    val_pred, val = narrow_gaussian(100, 20, seed=0)
+    recal = fit_recalibration(val_pred, val)
+    pred, test = narrow_gaussian(10, 20, seed=1)
+    mean = pred.mean.clone()
+    mean[:, 3] = float("nan")
+    pred = replace(pred, mean=mean, log_lik=pred.log_lik.clone().index_fill_(1, torch.tensor([3]), float("nan")))
+    out = recalibrated_metrics(pred, test, recal)
+    assert out["scale"]["nonfinite_tasks"]["count"] == 1 and out["scale"]["mse"]["n"] == 9
+    assert out["isotonic"]["nonfinite_tasks"]["count"] == 1
