@@ -191,7 +191,12 @@ def test_resolved_config_holds_the_protocol():
         assert key in proto, key
     assert "support set alone" in proto["test_path"]
     line = resolve(RunConfig(method="platipus", benchmark="sinusoid_line"))
-    assert (line.noise_std, line.learn_noise) == (0.3, False)
+    # issue 28's measured defaults there: a learned noise from the data's 0.3 and the noise-scaled step
+    assert (line.noise_std, line.learn_noise, line.noise_scaled_lr, line.inner_lr) == (0.3, True, True, 0.01)
+    assert "noise_scaled_lr" in protocol_of(RunConfig(method="platipus", benchmark="sinusoid_line"))["inner_step_size"]
+    paper = resolve(RunConfig(method="platipus", benchmark="sinusoid_line", learn_noise=False, noise_scaled_lr=False,
+                              inner_lr=0.002))
+    assert "fixed" in protocol_of(paper)["inner_step_size"]
 
 
 @pytest.mark.parametrize("setting", [{"objective": "paper"}, {"inner_samples": 2}, {"kl_weight_outer": 0.5},

@@ -78,9 +78,16 @@ def defaults(benchmark: str, ways: int | None, shots: int) -> dict[str, Any]:
     # 74 / 11 (the query NLL dominates). Short runs: equal within seed noise (MSE 0.194/0.202 analytic vs
     # 0.210/0.204 mc at noise 0.3; 0.200 vs 0.207 at 1/sqrt(2)).
     if benchmark == "sinusoid_line":
-        steps = {"noise_std": 0.3, "inner_lr": 0.002, "gamma_init": 0.002}
-    else:
-        steps = {"noise_std": MSE_NOISE_STD, "inner_lr": 0.01, "gamma_init": 0.01}
+        # issue 28 (sinusoid_line, 5 shots, seed 0, 3,000 steps, 600 test tasks; MSE / NLL / 90% coverage;
+        # experiments/RESULTS_weightspace.md): the paper's fixed step 0.002 with the data's noise 0.3 fixed
+        # 3.15 / 6.79 / 0.57; learned noise (+ 45 targets) 3.86 / 2.00 / 0.85 (a growing noise shrinks the
+        # inner gradient 1 / s^2: the adaptation stalls); learned noise with the step alpha s^2, alpha 0.01
+        # (MAML's step on the squared error) 2.44 / 1.74 / 0.91 -> the default here. The paper's protocol:
+        # --no-learn-noise --no-noise-scaled-lr --inner-lr 0.002.
+        return {"inner_steps": 5, "inner_steps_eval": 10, "noise_std": 0.3, "inner_lr": 0.01, "gamma_init": 0.002,
+                "learn_noise": True, "noise_scaled_lr": True, "prior_init_std": 0.1, "kl_estimator": "analytic",
+                "eval_samples": 100}
+    steps = {"noise_std": MSE_NOISE_STD, "inner_lr": 0.01, "gamma_init": 0.01}
     return {"inner_steps": 5, "inner_steps_eval": 10, **steps, "learn_noise": False, "prior_init_std": 0.1,
             "kl_estimator": "analytic", "eval_samples": 100, "noise_scaled_lr": False}
 
