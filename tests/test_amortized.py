@@ -194,7 +194,9 @@ def test_protocol_states_every_choice():
     assert line.noise_std == 0.3 and line.learn_noise is True and line.objective == "query"
     assert line.amortize == "last" and line.hidden == [100, 100, 100] and line.queries == 45
     sine = resolve(RunConfig(method="amortized", benchmark="sinusoid"))
-    assert sine.objective == "joint" and sine.hidden == [40, 40] and sine.queries == sine.shots
+    assert sine.objective == "query" and sine.hidden == [100, 100, 100] and sine.learn_noise is True
+    other = resolve(RunConfig(method="amortized", benchmark="sinusoid_bmaml"))  # not measured there: as before
+    assert other.objective == "joint" and other.hidden == [40, 40, 40] and other.queries == other.shots
 
 
 def test_bad_settings_are_refused_clearly():
@@ -207,7 +209,7 @@ def test_bad_settings_are_refused_clearly():
 
 
 def test_last_layer_amortization_assembles_the_full_weights():
-    learner = build_learner(RunConfig(method="amortized", amortize="last"))  # MLP 1-40-40-1
+    learner = build_learner(RunConfig(method="amortized", amortize="last", hidden=[40, 40]))  # MLP 1-40-40-1
     model = learner.model
     spec = model.net.spec
     assert model.phi_dim == 41 and model.shared.numel() == spec.num_params - 41
