@@ -330,7 +330,7 @@ def _evaluate_locked(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Be
     if vp.get("worse"):
         print(f"warning: {cfg.method} is worse than knowing nothing: its NLL on the first {vp['tasks']} test tasks, "
               f"{vp['method_nll']:.3f}, is above that of the family's prior predictive, which ignores the support "
-              f"({vp['prior_nll']:.3f}; --method prior)", flush=True)
+              f"({vp['prior_nll']:.3f}; --method prior)", file=sys.stderr, flush=True)
     bad = dropped_count(metrics)
     if bad:
         absurd = metrics.get("absurd_tasks", {})
@@ -352,8 +352,7 @@ def versus_prior(cfg: RunConfig, pred: Any, test: TaskBatch) -> dict[str, Any] |
     itself: 100 and 256; on 100 test tasks the prior's NLL moved by 0.00000 on ``sinusoid_line``, 0.0009 on
     ``sinusoid``, 0.005 on ``sinusoid_bmaml`` with 12 points per axis instead of 30; 10 s instead of 80 on
     ``sinusoid_line``). ``None`` when the family has no prior row."""
-    from .evaluate import evaluate as evaluate_batch
-    from .evaluate import finite_tasks
+    from .evaluate import finite_tasks, regression_metrics
     from .guides.empty import NoLatentGuide
     from .metrics import mixture_nll
     from .models.reference import ReferenceModel
@@ -371,7 +370,9 @@ def versus_prior(cfg: RunConfig, pred: Any, test: TaskBatch) -> dict[str, Any] |
         prior = ReferenceModel(family, "prior", grid, VERSUS_PRIOR_COMPONENTS)
     except ValueError:
         return None
-    prior_nll = evaluate_batch(MetaLearner(prior, NoLatentGuide(), name="prior"), sub, num_samples=1)[0]["nll"]["mean"]
+    # this process alone (under torch.distributed the other ranks are not in this evaluation)
+    prior_pred = predict(MetaLearner(prior, NoLatentGuide(), name="prior"), sub, num_samples=1, keep_latents=False)
+    prior_nll = regression_metrics(prior_pred, sub)["nll"]["mean"]
     lw = None if pred.log_weights is None else pred.log_weights[:, keep]
     log_lik = pred.log_lik[:, keep]
     method_nll = float(mixture_nll(log_lik.flatten(2) if log_lik.dim() > 3 else log_lik, lw).mean())

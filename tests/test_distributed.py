@@ -271,7 +271,9 @@ def test_cli_nproc_launches_two_ranks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "run directory:" in proc.stdout and "(2 ranks)" in proc.stdout
     assert proc.stdout.count("trained 6 steps") == 1  # rank 0 alone reports
-    assert proc.stderr == "", proc.stderr  # quiet: no OMP_NUM_THREADS banner, no warnings
+    # quiet: no OMP_NUM_THREADS banner, no launcher warnings; the one line a 6-step run earns is the library's
+    # own "worse than knowing nothing" (its NLL against the prior row's)
+    assert all("worse than knowing nothing" in line for line in proc.stderr.splitlines()), proc.stderr
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 6
     assert (out / "eval.json").is_file()

@@ -103,7 +103,7 @@ def test_a_finished_run_recalibrates_on_validation_tasks_only(tmp_path, monkeypa
     assert ev["recalibrated"]["fitted_on"]["set"] == "validation"
     vp = ev["versus_prior"]
     assert vp["tasks"] == 5 and vp["worse"] is True and vp["method_nll"] > vp["prior_nll"] > 1.5
-    assert "worse than knowing nothing" in capsys.readouterr().out
+    assert "worse than knowing nothing" in capsys.readouterr().err
 
 
 def test_a_diverged_test_task_is_left_out_of_the_recalibrated_metrics_too():
