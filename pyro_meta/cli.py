@@ -25,7 +25,7 @@ TRAIN_FLAGS = {
     "inner_steps": "inner_steps", "device": "device", "seed": "seed", "first_order": "first_order",
     "skip_nonfinite": "skip_nonfinite", "inner_lr": "inner_lr", "meta_lr": "meta_lr",
     "ways": "ways", "queries": "queries", "eval_queries": "eval_queries", "data_root": "data_root",
-    "split": "split", "test_tasks": "num_test_tasks", "eval_samples": "eval_samples",
+    "split": "split", "test_tasks": "num_test_tasks", "val_tasks": "num_val_tasks", "eval_samples": "eval_samples",
     "batch_norm": "batch_norm", "objective": "objective", "threads": "threads",
     "checkpoint_every": "checkpoint_every", "checkpoint_minutes": "checkpoint_minutes", "skip_limit": "skip_limit",
     "kl_estimator": "kl_estimator", "learn_noise": "learn_noise", "noise_std": "noise_std",
@@ -62,6 +62,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-queries", dest="eval_queries", type=int, default=S,
                    help="query points per test task (per class); Omniglot default: = shots")
     p.add_argument("--test-tasks", dest="test_tasks", type=int, default=S, help="fixed test tasks (600)")
+    p.add_argument("--val-tasks", dest="val_tasks", type=int, default=S,
+                   help="fixed validation tasks, on which the recalibration maps are fitted (100)")
     p.add_argument("--eval-samples", dest="eval_samples", type=int, default=S,
                    help="posterior draws of the test predictive")
     p.add_argument("--data-root", dest="data_root", default=S,

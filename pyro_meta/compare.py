@@ -434,7 +434,7 @@ def scoreboard_markdown(board: dict[str, Any]) -> str:
         lines += [f"Command: `{board['command']}`", ""]
     lines += [f"Machine: {board['machine']}; {s['workers']} runs side by side, one torch thread each.", "",
               f"Protocol: every run has seed {s['seed']}, so every method trains on the same stream of "
-              f"meta-batches ({_meta_batch_text(board)}, K support and K query points per training task) and is tested on the same {s['num_test_tasks']} fixed test tasks per benchmark and shots "
+              f"meta-batches ({_meta_batch_text(board)}, K support points per training task and K query points unless the method sets its own, as the CNP and, on the sinusoids, amortized VI do: 45) and is tested on the same {s['num_test_tasks']} fixed test tasks per benchmark and shots "
               "(100 query points each). Equal iterations: "
               f"{s['steps']} meta-iterations per run ({_steps_text(s)}). "
               + _wall_text(board) + (f" Settings of every run: `{json.dumps(s['settings'])}`." if s["settings"] else ""),

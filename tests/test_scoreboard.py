@@ -187,7 +187,8 @@ def _rows(board):
 def test_compare_cli_tiny(tmp_path):
     out = tmp_path / "board"
     r = pyro_meta("compare", "--methods", "maml", "abml", "--benchmarks", "sinusoid_line", "--shots", 1, 2,
-                  "--steps", 3, "--test-tasks", 5, "--out", out, "--no-progress", cwd=tmp_path)
+                  "--steps", 3, "--test-tasks", 5, "--set", json.dumps({"num_val_tasks": 5}), "--out", out,
+                  "--no-progress", cwd=tmp_path)
     text = (out / "scoreboard.md").read_text()
     assert text.strip() == r.stdout.strip()
     assert "Command: `pyro-meta compare --methods maml abml --benchmarks sinusoid_line --shots 1 2 --steps 3" in text

@@ -228,7 +228,7 @@ def test_cli_trains_evaluates_and_inspects_an_import_path(tasks_module):
     cmd = [sys.executable, "-m", "pyro_meta.cli"]
     script = os.path.join(os.path.dirname(sys.executable), "pyro-meta")  # the console script: cwd not on sys.path
     r = subprocess.run([script, "train", "mytasks:make_tasks", "--method", "abml", "--steps", "30", "--meta-batch",
-                              "5", "--test-tasks", "20", "--out", "run", "--no-progress"],
+                              "5", "--test-tasks", "20", "--val-tasks", "10", "--out", "run", "--no-progress"],
                        cwd=tasks_module, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     ev = json.loads((tasks_module / "run" / "eval.json").read_text())

@@ -204,11 +204,21 @@ def draw_pool(family) -> tuple[Tensor, Tensor]:  # noqa: ANN001 - any regression
 
 
 def neighbours(pool: tuple[Tensor, Tensor], x_query: Tensor) -> Tensor:
-    """The pool's ``y`` at the :data:`NEIGHBOURS` inputs nearest to each query input: ``[t, Q, k]``."""
+    """The pool's ``y`` at the :data:`NEIGHBOURS` inputs nearest to each query input: ``[t, Q, k]``. One
+    input feature: the pool sorted once, each query's ``k`` nearest taken from the ``2k`` sorted values
+    around it (they are among them); several: distances to the whole pool, 64 query points at a time."""
     xp, yp = (v.to(x_query.device) for v in pool)
     xq = x_query.to(torch.float64).flatten(2)  # t Q D
     rows = xq.reshape(-1, xq.shape[-1])  # tQ D
     k = min(NEIGHBOURS, xp.shape[0])
+    if xp.shape[1] == 1:
+        order = xp[:, 0].argsort()
+        xs, ys = xp[order, 0], yp[order]
+        at = torch.searchsorted(xs, rows[:, 0].contiguous())  # tQ
+        lo = (at - k).clamp(0, max(xs.numel() - 2 * k, 0))
+        window = (lo[:, None] + torch.arange(min(2 * k, xs.numel()), device=xs.device)).clamp(max=xs.numel() - 1)
+        pick = (xs[window] - rows[:, :1]).abs().topk(k, largest=False).indices  # tQ k
+        return ys[window.gather(1, pick)].reshape(*xq.shape[:2], -1)
     idx = torch.cat([torch.cdist(r, xp).topk(k, largest=False).indices  # 64 rows x P distances at a time
                      for r in rows.split(64)])  # tQ k
     return yp[idx].reshape(*xq.shape[:2], -1)
