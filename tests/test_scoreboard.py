@@ -185,31 +185,33 @@ def _rows(board):
 
 
 def test_compare_cli_tiny(tmp_path):
+    """`pyro-meta compare` on one cell (2-shot sinusoid_line; one cell keeps the default suite short), both
+    modes, with the reference rows and the recalibrated columns."""
     out = tmp_path / "board"
-    r = pyro_meta("compare", "--methods", "maml", "abml", "--benchmarks", "sinusoid_line", "--shots", 1, 2,
+    r = pyro_meta("compare", "--methods", "maml", "abml", "--benchmarks", "sinusoid_line", "--shots", 2,
                   "--steps", 3, "--test-tasks", 5, "--set", json.dumps({"num_val_tasks": 5}), "--out", out,
                   "--no-progress", cwd=tmp_path)
     text = (out / "scoreboard.md").read_text()
     assert text.strip() == r.stdout.strip()
-    assert "Command: `pyro-meta compare --methods maml abml --benchmarks sinusoid_line --shots 1 2 --steps 3" in text
+    assert "Command: `pyro-meta compare --methods maml abml --benchmarks sinusoid_line --shots 2 --steps 3" in text
     assert "Machine: " in text and "torch " in text
     assert "## sinusoid_line, equal iterations (3 steps)" in text and "## sinusoid_line, equal wall time" in text
     assert "| cov90 | CRPS | calib. error MAE/RMSE | calibration gap | recal. width: NLL, cov50/90 |" in text
     for method in ("maml", "abml"):
-        for k in (1, 2):
+        for k in (2,):
             assert sum(line.startswith(f"| {method} | {k} |") for line in text.splitlines()) == 2  # both modes
     board = json.loads((out / "scoreboard.json").read_text())
     rows = _rows(board)
     # the reference rows: evaluated once per cell, shown in both tables, the oracle far ahead of the prior
     ref = {key: rows.pop(key) for key in list(rows) if key[2] == "reference"}
-    assert set(ref) == {(m, k, "reference") for m in ("prior", "oracle") for k in (1, 2)}
-    for k in (1, 2):
+    assert set(ref) == {(m, k, "reference") for m in ("prior", "oracle") for k in (2,)}
+    for k in (2,):
         assert ref[("oracle", k, "reference")]["metrics"]["nll"]["mean"] < ref[("prior", k, "reference")]["metrics"][
             "nll"]["mean"]
         assert ref[("prior", k, "reference")]["steps"] == 0
         for m in ("prior", "oracle"):
             assert sum(line.startswith(f"| {m} (reference) | {k} | 0 |") for line in text.splitlines()) == 2
-    assert set(rows) == {(m, k, mode) for m in ("maml", "abml") for k in (1, 2) for mode in ("iterations", "wall")}
+    assert set(rows) == {(m, k, mode) for m in ("maml", "abml") for k in (2,) for mode in ("iterations", "wall")}
     budgets = {b["shots"]: b["seconds"] for b in board["wall_budgets"]}
     for (_, k, mode), row in rows.items():
         assert "error" not in row, row
@@ -229,7 +231,7 @@ def test_compare_cli_tiny(tmp_path):
             assert row["train_seconds"] >= budgets[k]
     # identical task streams and test tasks: everything but the method is shared within a cell
     shared = ("seed", "meta_batch", "queries", "eval_queries", "num_test_tasks", "benchmark", "shots")
-    for k in (1, 2):
+    for k in (2,):
         cfgs = [json.loads((out / "runs" / r["run"] / "config.json").read_text())
                 for (_, shots, _), r in rows.items() if shots == k]
         assert len({tuple(c[f] for f in shared) for c in cfgs}) == 1
