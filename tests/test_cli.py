@@ -188,6 +188,7 @@ def _demo_table(stdout: str) -> dict[str, str]:
     return rows
 
 
+@pytest.mark.slow  # 29 s of the default suite's 6 minutes (since the runs fit recalibration maps, issue 28)
 def test_demo_with_a_small_budget(tmp_path):
     """The whole demo command, scaled down (steps x0.005, 20 test tasks)."""
     out = tmp_path / "demo"
