@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
-from .evaluate import Prediction, _finite_only, classification_metrics, predictive_pit, regression_metrics
+from .evaluate import Prediction, _finite_only, _points, classification_metrics, predictive_pit, regression_metrics
 from .tasks import TaskBatch
 
 RECALIBRATION = "recalibration.json"
@@ -176,10 +176,6 @@ def recalibrated_metrics(pred: Prediction, batch: TaskBatch, recal: dict[str, An
         scaled = rescale(pred, recal["scale"], batch.y_query)
         out["scale"] = {"value": recal["scale"], **regression_metrics(scaled, batch)}
     return out
-
-
-def _points(log_lik: Tensor) -> Tensor:
-    return log_lik.flatten(2) if log_lik.dim() > 3 else log_lik
 
 
 def read_recalibration(run_dir: str | Path) -> dict[str, Any] | None:

@@ -352,7 +352,7 @@ def versus_prior(cfg: RunConfig, pred: Any, test: TaskBatch) -> dict[str, Any] |
     itself: 100 and 256; on 100 test tasks the prior's NLL moved by 0.00000 on ``sinusoid_line``, 0.0009 on
     ``sinusoid``, 0.005 on ``sinusoid_bmaml`` with 12 points per axis instead of 30; 10 s instead of 80 on
     ``sinusoid_line``). ``None`` when the family has no prior row."""
-    from .evaluate import finite_tasks, regression_metrics
+    from .evaluate import _points, finite_tasks, regression_metrics
     from .guides.empty import NoLatentGuide
     from .metrics import mixture_nll
     from .models.reference import ReferenceModel
@@ -375,7 +375,7 @@ def versus_prior(cfg: RunConfig, pred: Any, test: TaskBatch) -> dict[str, Any] |
     prior_nll = regression_metrics(prior_pred, sub)["nll"]["mean"]
     lw = None if pred.log_weights is None else pred.log_weights[:, keep]
     log_lik = pred.log_lik[:, keep]
-    method_nll = float(mixture_nll(log_lik.flatten(2) if log_lik.dim() > 3 else log_lik, lw).mean())
+    method_nll = float(mixture_nll(_points(log_lik), lw).mean())
     return {"tasks": int(keep.numel()), "method_nll": method_nll, "prior_nll": prior_nll,
             "worse": bool(method_nll > prior_nll)}
 

@@ -301,7 +301,7 @@ class GPModel(nn.Module):
         r_s = batch.y_support - self.mean(batch.x_support)  # T S O
         out: dict[str, Tensor] = {"L": L}
         if batch.y_query is not None:
-            b = torch.linalg.solve_triangular(L, torch.cat([r_s, (batch.y_query - m_q).expand_as(batch.y_query)], -2),
+            b = torch.linalg.solve_triangular(L, torch.cat([r_s, batch.y_query - m_q], -2),
                                               upper=False)  # T N O
             a, out["b_q"] = b[..., :s, :], b[..., s:, :]
         else:
@@ -329,12 +329,13 @@ class GPModel(nn.Module):
     def joint_correction(p: dict[str, Tensor], y_query: Tensor) -> Tensor:
         """``log N(y_q | mu, L_qq L_qq^T) - sum_q log N(y_q | mu_q, var_q)`` per task, ``[T]``: what the
         per-point factors of ``y_query`` miss of the joint conditional (the query points' correlation).
-        ``L_qq^{-1} (y_q - mu)`` is ``predict``'s ``b_q`` (the query rows of one solve against ``L``)."""
+        ``L_qq^{-1} (y_q - mu)`` is ``predict``'s ``b_q`` (the query rows of one solve against ``L``; ``p`` from
+        a batch with query labels)."""
         mu, var, L = p["mu"], p["var"], p["L"]
         q = mu.shape[-2]
         Lqq = L[..., -q:, -q:]  # T Q Q
         r = y_query - mu  # T Q O
-        b = p["b_q"] if "b_q" in p else torch.linalg.solve_triangular(Lqq, r, upper=False)  # T Q O
+        b = p["b_q"]  # T Q O
         o = r.shape[-1]
         joint = -0.5 * (b * b).sum((-2, -1)) - o * torch.log(torch.diagonal(Lqq, dim1=-2, dim2=-1)).sum(-1)
         marginal = -0.5 * (r * r / var).sum((-2, -1)) - 0.5 * o * torch.log(var).sum((-2, -1))
