@@ -340,9 +340,14 @@ def report_error(command: str, message: str) -> None:
     if folder and os.environ.get("RANK") is not None:
         try:
             (Path(folder) / f"rank{int(os.environ['RANK'])}.txt").write_text(message)
-            return
         except (OSError, ValueError):
             pass  # fall back to stderr
+        else:
+            # the launcher prints the line. End here: left to interpreter shutdown, a rank's gloo threads
+            # sometimes abort it with "terminate called without an active exception" on the shared stderr
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
     print(f"pyro-meta {command}: error: {message}", file=sys.stderr)
 
 
