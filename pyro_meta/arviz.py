@@ -45,7 +45,8 @@ def _labels(t: torch.Tensor, batch: TaskBatch) -> np.ndarray:
 
 
 def to_inference_data(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed: int = 0,
-                      prediction: Prediction | None = None) -> az.InferenceData:
+                      prediction: Prediction | None = None,
+                      recalibration: dict[str, Any] | None = None) -> az.InferenceData:
     """An ``InferenceData`` of ``learner``'s posterior on the tasks of ``batch``.
 
     Guide draws are independent, so they are one chain of ``num_samples`` draws. Groups and dims:
@@ -69,6 +70,12 @@ def to_inference_data(learner: MetaLearner, batch: TaskBatch, num_samples: int =
     - ``constant_data``: ``x_query (task, query)``, ``x_support``, ``y_support (task, support)``.
 
     :param prediction: reuse draws from :func:`pyro_meta.evaluate.predict` instead of drawing again.
+    :param recalibration: a run's recalibration maps (``recalibration.json``, fitted on validation tasks):
+        the attributes ``recalibration`` (what was fitted, in words) and ``recalibration_json`` (the maps)
+        say so, and for a Gaussian regression predictive ``posterior_predictive`` gains
+        ``y_query_recalibrated``: the draws under the width factor, ``m + s (y - m)`` around the predictive
+        mean ``m`` (the isotonic map moves the CDF, not the draws: its quantiles are
+        :func:`pyro_meta.recalibrate.recalibrated_quantile`). The raw groups are unchanged.
     """
     pred = prediction if prediction is not None else predict(learner, batch, num_samples, seed)
     if pred.log_lik is None:
@@ -99,6 +106,20 @@ def to_inference_data(learner: MetaLearner, batch: TaskBatch, num_samples: int =
     if y_draws.dim() == 4 and y_draws.shape[-1] == 1:
         y_draws = y_draws[..., 0]
     posterior_predictive = {QUERY_SITE: _np(y_draws)[None]}
+    attrs = {"learner": learner.name, "inference": "guide draws (independent), one chain",
+             "heldout": "heldout_log_likelihood: query points the posterior did not condition on"}
+    if recalibration is not None:
+        import json
+
+        from .recalibrate import describe, rescale
+
+        attrs["recalibration"] = describe(recalibration)
+        attrs["recalibration_json"] = json.dumps(recalibration)
+        if recalibration.get("scale") is not None and pred.gaussian and pred.stddev is not None:
+            r = rescale(pred, recalibration["scale"], None).y_draws
+            posterior_predictive[f"{QUERY_SITE}_recalibrated"] = _np(r[..., 0] if r.dim() == 4 and r.shape[-1] == 1
+                                                                     else r)[None]
+            dims[f"{QUERY_SITE}_recalibrated"] = ["task", "query"]
     heldout = {QUERY_SITE: _np(_points(pred.log_lik))[None]}
     log_likelihood = None
     if pred.support_log_lik is not None:
@@ -123,8 +144,7 @@ def to_inference_data(learner: MetaLearner, batch: TaskBatch, num_samples: int =
         constant_data=constant,
         coords=coords,
         dims=dims,
-        attrs={"learner": learner.name, "inference": "guide draws (independent), one chain",
-               "heldout": "heldout_log_likelihood: query points the posterior did not condition on"},
+        attrs=attrs,
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(group.*not.*defined|dims 'chain' and 'draw').*")

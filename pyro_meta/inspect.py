@@ -25,6 +25,7 @@ from ._arviz import az
 from .arviz import HELDOUT_GROUP
 from .metrics import heldout_lpd
 from .plots import plot_posterior_weights, plot_ppc
+from .recalibrate import read_recalibration
 from .run import POSTERIOR, export_run, load_run, read_config
 from .rundir import RunLock, clean_temp_files
 
@@ -97,8 +98,42 @@ def _read_posterior(run_dir: Path) -> az.InferenceData:
             print(f"warning: {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); rebuilding it "
                   "from the checkpoint", file=sys.stderr, flush=True)
     cfg, learner, bm = load_run(run_dir)
-    export_run(run_dir, cfg, learner, bm)
+    export_run(run_dir, cfg, learner, bm, read_recalibration(run_dir))
     return _load_netcdf(path)
+
+
+def recalibration_summary(run_dir: Path) -> str | None:
+    """The run's recalibration in a few lines: the maps (``recalibration.json``) and, from ``eval.json``, the
+    raw and recalibrated test NLL and coverage side by side; ``None`` for a run without maps."""
+    import json
+
+    from .recalibrate import describe
+
+    recal = read_recalibration(run_dir)
+    if recal is None:
+        return None
+    lines = ["recalibration: " + describe(recal)]
+    try:
+        report = json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return "\n".join(lines)
+    m, rec = report.get("metrics", {}), report.get("recalibrated") or {}
+
+    def row(name: str, r: dict) -> str:
+        cells = []
+        for key, label in (("nll", "NLL"), ("accuracy", "accuracy"), ("coverage50", "cov 50%"),
+                           ("coverage90", "cov 90%")):
+            v = r.get(key)
+            if isinstance(v, dict) and v.get("mean") is not None:
+                cells.append(f"{label} {v['mean']:.3f}")
+        return f"  {name:<10} " + ", ".join(cells)
+
+    lines.append("test metrics, raw and recalibrated (eval.json):")
+    lines.append(row("raw", m))
+    for name in ("scale", "isotonic", "temperature"):
+        if name in rec:
+            lines.append(row(name, rec[name]))
+    return "\n".join(lines)
 
 
 def _inspect_locked(run_dir: Path, max_weights: int) -> str:
@@ -126,6 +161,9 @@ def _inspect_locked(run_dir: Path, max_weights: int) -> str:
                                          title=f"{v} on {where}: posterior of the first {max_weights} weights")
             if png is not None and png not in written:
                 written.append(png)
+    recal = recalibration_summary(run_dir)
+    if recal is not None:
+        lines.append("\n" + recal)
     lines.append("\n" + heldout_summary(idata))
     lines.append(loo_summary(idata))
     with warnings.catch_warnings():

@@ -42,10 +42,15 @@ def _grid_batch(batch: TaskBatch, x_range: tuple[float, float], n: int = 200) ->
 
 
 def predictive_bands(learner: MetaLearner, batch: TaskBatch, x_range: tuple[float, float],
-                     num_samples: int = 100, seed: int = 0, n: int = 200, draws: int = 0) -> dict[str, torch.Tensor]:
+                     num_samples: int = 100, seed: int = 0, n: int = 200, draws: int = 0,
+                     recalibration: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Predictive mean and 50%/90% central intervals on a grid of ``n`` inputs, per task ``[T, n]``;
     with ``draws``, also ``"draws" [k, T, n]``: the predictive means of the first ``k <= draws``
-    posterior samples (``Prediction.mean[s]``, posterior function draws; one for a point estimate)."""
+    posterior samples (``Prediction.mean[s]``, posterior function draws; one for a point estimate).
+    With a regression ``recalibration`` (a run's ``recalibration.json``), also ``"rlo50"`` ... ``"rhi90"``:
+    the same intervals under its isotonic map (:func:`pyro_meta.recalibrate.recalibrated_quantile`)."""
+    from .recalibrate import recalibrated_quantile
+
     g = _grid_batch(batch, x_range, n)
     pred = predict(learner, g, num_samples, seed, keep_latents=False)
     out = {"x": g.x_query[..., 0], "mean": pred.predictive_mean()[..., 0]}
@@ -53,6 +58,8 @@ def predictive_bands(learner: MetaLearner, batch: TaskBatch, x_range: tuple[floa
         for side, p in (("lo", (1 - level) / 2), ("hi", (1 + level) / 2)):
             v = predictive_quantile(pred, p)
             out[f"{side}{int(level * 100)}"] = v[..., 0]
+            if recalibration is not None and recalibration.get("kind") == "regression":
+                out[f"r{side}{int(level * 100)}"] = recalibrated_quantile(pred, p, recalibration)[..., 0]
     if draws:
         out["draws"] = pred.mean[:draws, ..., 0]  # k T n
     return out
@@ -60,9 +67,13 @@ def predictive_bands(learner: MetaLearner, batch: TaskBatch, x_range: tuple[floa
 
 def plot_regression_tasks(learners: Sequence[tuple[str, MetaLearner, int]], batch: TaskBatch,
                           family: RegressionFamily, path: str | Path, tasks: Sequence[int] = (0, 1, 2, 3),
-                          seed: int = 0) -> Path:
+                          seed: int = 0, recalibration: dict[str, Any] | None = None) -> Path:
     """One panel per task: true function, support (dots) and query (crosses) points, and each
-    learner's predictive mean with 50% and 90% bands. ``learners``: ``(label, learner, samples)``."""
+    learner's predictive mean with 50% and 90% bands. ``learners``: ``(label, learner, samples)``.
+    ``recalibration`` (one learner: its run's ``recalibration.json``): the recalibrated 50% and 90%
+    intervals drawn as dashed lines over the raw bands, and the figure says so."""
+    if recalibration is not None and len(learners) != 1:
+        raise ValueError("recalibration is one run's map: plot one learner with it")
     tasks = [t for t in tasks if t < batch.num_tasks]
     sub = batch.select(list(tasks))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
@@ -71,7 +82,8 @@ def plot_regression_tasks(learners: Sequence[tuple[str, MetaLearner, int]], batc
     has_truth = getattr(family, "truth", True) is not None  # a TaskFamily may have no truth function
     truth = family.function({k: v.cpu() for k, v in sub.info.items()}, grid)[..., 0] \
         if sub.info and has_truth else None
-    bands = [(label, predictive_bands(lr, sub, family.x_range, s, seed)) for label, lr, s in learners]
+    bands = [(label, predictive_bands(lr, sub, family.x_range, s, seed, recalibration=recalibration))
+             for label, lr, s in learners]
     for j, ax in enumerate(axes[0]):
         if truth is not None:
             ax.plot(grid[j, :, 0], truth[j], color="black", lw=1.2, label="true function")
@@ -80,6 +92,11 @@ def plot_regression_tasks(learners: Sequence[tuple[str, MetaLearner, int]], batc
             ax.fill_between(x, b["lo90"][j].cpu(), b["hi90"][j].cpu(), color=c, alpha=0.15, lw=0)
             ax.fill_between(x, b["lo50"][j].cpu(), b["hi50"][j].cpu(), color=c, alpha=0.25, lw=0)
             ax.plot(x, b["mean"][j].cpu(), color=c, lw=1.5, label=f"{label} mean, 50/90% bands")
+            if "rlo90" in b:
+                for lv, ls in ((90, "--"), (50, ":")):
+                    ax.plot(x, b[f"rlo{lv}"][j].cpu(), color="black", lw=1.0, ls=ls,
+                            label=f"{lv}% band, recalibrated")
+                    ax.plot(x, b[f"rhi{lv}"][j].cpu(), color="black", lw=1.0, ls=ls)
         if sub.y_query is not None:
             ax.scatter(sub.x_query[j, :, 0].cpu(), sub.y_query[j, :, 0].cpu(), marker="x", s=10,
                        color="gray", alpha=0.6, label="query")
@@ -91,6 +108,12 @@ def plot_regression_tasks(learners: Sequence[tuple[str, MetaLearner, int]], batc
     handles, labels = axes[0, 0].get_legend_handles_labels()  # below the panels: never over the data
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, -0.02))
+    if recalibration is not None:
+        from .recalibrate import describe
+
+        fig.suptitle("dashed/dotted: 90%/50% intervals under the isotonic recalibration map, "
+                     + describe(recalibration).split("; ")[-1], fontsize=8)
+        fig.subplots_adjust(top=0.84)
     fig.subplots_adjust(bottom=0.22)
     return _save(fig, path)
 

@@ -39,7 +39,8 @@ LOG_RANGE = (math.log(0.02), math.log(50.0))
 SEARCH_STEPS = 60
 
 __all__ = ["RECALIBRATION", "fit_recalibration", "recalibrated_metrics", "rescale", "temperature_probs",
-           "isotonic_map", "read_recalibration"]
+           "isotonic_map", "read_recalibration", "isotonic_level", "recalibrated_quantile",
+           "describe"]
 
 
 def _golden(f, lo: float, hi: float, steps: int = SEARCH_STEPS) -> float:  # noqa: ANN001 - a float -> float
@@ -127,6 +128,47 @@ def _isotonic_metrics(pred: Prediction, batch: TaskBatch, knots: dict[str, list[
                calibration_error={**M.pit_calibration_error(pit), "tasks": int(y.shape[0])},
                nonfinite_tasks={"count": bad, "of": batch.num_tasks})
     return out
+
+
+def isotonic_level(knots: dict[str, list[float]], q: float) -> float:
+    """``R^{-1}(q)``: the raw predictive's level whose quantile is the recalibrated predictive's ``q``
+    quantile (``F'^{-1}(q) = F^{-1}(R^{-1}(q))``; ``R`` is strictly increasing, so its inverse is the
+    piecewise-linear map with the knots' axes swapped)."""
+    if not 0 < q < 1:
+        raise ValueError(f"q must be in (0, 1), got {q}")
+    p = torch.tensor(knots["p"], dtype=torch.float64)
+    r = torch.tensor(knots["r"], dtype=torch.float64)
+    j = int((torch.searchsorted(r, torch.tensor(q, dtype=torch.float64), right=True) - 1).clamp(0, r.numel() - 2))
+    level = float(p[j] + (p[j + 1] - p[j]) * (q - r[j]) / (r[j + 1] - r[j]))
+    return min(max(level, 1e-12), 1 - 1e-12)
+
+
+def recalibrated_quantile(pred: Prediction, q: float, recal: dict[str, Any], how: str = "isotonic") -> Tensor:
+    """The ``q`` quantile per query point ``[T, Q, O]`` of ``pred`` under the map ``how`` of ``recal``
+    (``"isotonic"``: ``F^{-1}(R^{-1}(q))``; ``"scale"``: the widened mixture's quantile)."""
+    from .evaluate import predictive_quantile
+
+    if recal.get("kind") != "regression":
+        raise ValueError("quantiles are recalibrated for regression runs only (classification: temperature)")
+    if how == "isotonic":
+        return predictive_quantile(pred, isotonic_level(recal["isotonic"], q))
+    if how == "scale":
+        if recal.get("scale") is None:
+            raise ValueError("this run has no width scale (its predictive is not Gaussian)")
+        return predictive_quantile(rescale(pred, recal["scale"], None), q)
+    raise ValueError(f"how must be 'isotonic' or 'scale', got {how!r}")
+
+
+def describe(recal: dict[str, Any]) -> str:
+    """One line: which maps, fitted on what."""
+    on = recal.get("fitted_on", {})
+    where = f"fitted on {on.get('tasks', '?')} {on.get('set', 'validation')} tasks, never the test tasks"
+    if recal.get("kind") == "classification":
+        return f"temperature {recal['temperature']:.3g} ({where})"
+    scale = recal.get("scale")
+    lo, hi = isotonic_level(recal["isotonic"], 0.05), isotonic_level(recal["isotonic"], 0.95)
+    iso = f"isotonic map of the PIT (the recalibrated 90% interval spans the raw levels {lo:.3f} to {hi:.3f})"
+    return (f"width factor {scale:.3g}; " if scale is not None else "") + f"{iso}; {where}"
 
 
 # ---------------------------------------------------------------------------- classification: temperature

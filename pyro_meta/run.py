@@ -385,14 +385,17 @@ def dropped_count(m: dict[str, Any]) -> int:
     return sum((m.get(k) or {}).get("count", 0) for k in ("nonfinite_tasks", "absurd_tasks"))
 
 
-def export_run(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark) -> Path:
+def export_run(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark,
+               recalibration: dict[str, Any] | None = None) -> Path:
+    """``posterior.nc``: :func:`~pyro_meta.arviz.to_inference_data` on the first test tasks, with the run's
+    ``recalibration`` (its ``recalibration.json``) applied beside the raw draws."""
     sub = bm.test.select(slice(0, EXPORT_TASKS)).to(cfg.device)
     samples = max(cfg.eval_samples, 1)
     d = per_task_weights(learner)
     if d:
         samples = max(1, min(samples, EXPORT_VALUES // (sub.num_tasks * d)))
     pred = predict(learner, sub, samples, seed=cfg.seed)
-    idata = to_inference_data(learner, sub, prediction=pred)
+    idata = to_inference_data(learner, sub, prediction=pred, recalibration=recalibration)
     return write_netcdf(idata, run_dir / POSTERIOR)
 
 
@@ -417,10 +420,9 @@ def write_netcdf(idata: Any, path: Path) -> Path:
 def finalize(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark) -> dict[str, Any]:
     """``recalibration.json`` (fitted on the validation tasks), ``eval.json``, ``posterior.nc`` and the plots
     of a finished run."""
-    if cfg.method not in REFERENCE_METHODS:
-        recalibrate_run(run_dir, cfg, learner, bm.val)
+    recal = recalibrate_run(run_dir, cfg, learner, bm.val) if cfg.method not in REFERENCE_METHODS else None
     report = evaluate_run(run_dir, cfg, learner, bm)
-    export_run(run_dir, cfg, learner, bm)
+    export_run(run_dir, cfg, learner, bm, recal)
     if bm.is_classification:
         m = report["metrics"]
         plot_reliability(m["reliability"], run_dir / "plots" / "reliability.png",
@@ -429,7 +431,7 @@ def finalize(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Benchmark)
     elif getattr(bm.family, "x_range", None) is not None and bm.test.x_support.shape[2:] == (1,) \
             and bm.test.y_support.shape[-1] == 1:  # predictive bands: 1-D inputs and outputs only
         plot_regression_tasks([(cfg.method, learner, max(cfg.eval_samples, 1))], bm.test.to(cfg.device),
-                              bm.family, run_dir / "plots" / "predictive.png", seed=cfg.seed)
+                              bm.family, run_dir / "plots" / "predictive.png", seed=cfg.seed, recalibration=recal)
     if (run_dir / METRICS).exists():
         plot_training_curve(run_dir / METRICS, run_dir / "plots" / "training_loss.png",
                             title=f"{cfg.method} on {cfg.benchmark}, {cfg.shots}-shot: meta-training loss")

@@ -8,6 +8,7 @@ import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from pyro_meta import TaskBatch
@@ -104,6 +105,18 @@ def test_a_finished_run_recalibrates_on_validation_tasks_only(tmp_path, monkeypa
     vp = ev["versus_prior"]
     assert vp["tasks"] == 5 and vp["worse"] is True and vp["method_nll"] > vp["prior_nll"] > 1.5
     assert "worse than knowing nothing" in capsys.readouterr().err
+    # the ArviZ export and inspect apply the maps and say so
+    from pyro_meta._arviz import az
+    from pyro_meta.inspect import recalibration_summary
+
+    idata = az.from_netcdf(str(out / "posterior.nc"))
+    assert "validation tasks" in idata.attrs["recalibration"]
+    assert json.loads(idata.attrs["recalibration_json"])["scale"] == recal["scale"]
+    raw = idata.posterior_predictive["y_query"].values
+    wide = idata.posterior_predictive["y_query_recalibrated"].values
+    assert wide.shape == raw.shape and bool(np.isfinite(wide).all())  # the map's values: rescale's test above
+    text = recalibration_summary(out)
+    assert text.startswith("recalibration: width factor") and "isotonic" in text and "raw" in text
 
 
 def test_a_diverged_test_task_is_left_out_of_the_recalibrated_metrics_too():
@@ -118,3 +131,24 @@ def test_a_diverged_test_task_is_left_out_of_the_recalibrated_metrics_too():
     out = recalibrated_metrics(pred, test, recal)
     assert out["scale"]["nonfinite_tasks"]["count"] == 1 and out["scale"]["mse"]["n"] == 9
     assert out["isotonic"]["nonfinite_tasks"]["count"] == 1
+
+
+def test_recalibrated_quantiles_of_a_predictive_twice_too_narrow_are_the_true_ones():
+    """The isotonic map's inverse level and the quantiles it gives: on N(mu, 0.5) draws of N(mu, 1) data the
+    recalibrated 5% / 95% quantiles are mu -+ 1.645 (the true ones), and R(R^-1(q)) = q."""
+    from pyro_meta.recalibrate import _apply_map, describe, isotonic_level, recalibrated_quantile
+
+    val_pred, val = narrow_gaussian(400, 50, seed=0)
+    recal = fit_recalibration(val_pred, val)
+    for q in (0.05, 0.3, 0.5, 0.95):
+        level = isotonic_level(recal["isotonic"], q)
+        assert abs(float(_apply_map(recal["isotonic"], torch.tensor(level, dtype=torch.float64))[0]) - q) < 1e-9
+    pred, _ = narrow_gaussian(3, 4, seed=1)
+    mu = pred.mean[0]
+    for how in ("isotonic", "scale"):
+        hi = recalibrated_quantile(pred, 0.95, recal, how)
+        lo = recalibrated_quantile(pred, 0.05, recal, how)
+        assert torch.allclose(hi - mu, torch.full_like(mu, 1.645), atol=0.08), (how, hi - mu)
+        assert torch.allclose(mu - lo, torch.full_like(mu, 1.645), atol=0.08), (how, mu - lo)
+    text = describe(recal)
+    assert "400 validation tasks" in text and "width factor 2" in text
