@@ -108,8 +108,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, nargs="+", default=S,
                    help="regression: the task MLP's hidden widths (default 40 40)")
     p.add_argument("--inner-steps-eval", dest="inner_steps_eval", type=int, default=S, help="K at test")
-    p.add_argument("--inner-step", dest="inner_step", choices=["sgd", "natural"], default=S,
-                   help="ABML: plain SGD on q (the paper's) or a natural-gradient step on q's mean")
+    p.add_argument("--inner-step", dest="inner_step", choices=["sgd", "natural", "polyak"], default=S,
+                   help="ABML: plain SGD on q (the paper's) or a natural-gradient step on q's mean; PLATIPUS: "
+                        "plain SGD (the paper's) or each task's capped Polyak step (polyak)")
     p.add_argument("--hyperprior-weight", dest="hyperprior_weight", type=float, default=S,
                    help="ABML: scale of log p(theta) per meta-batch (see README, 'Protocol choices')")
     p.add_argument("--prior-init-std-hidden", dest="prior_init_std_hidden", type=float, default=S,

@@ -200,7 +200,7 @@ class RunConfig:
             want(isinstance(getattr(self, name), bool), name, "true or false")
         for name, choices in (("split", ("vinyals", "lake")), ("downsample", ("maxpool", "stride")),
                               ("batch_norm", ("task", "none")), ("kl_estimator", ("mc", "analytic")),
-                              ("amortize", ("all", "last")), ("inner_step", ("sgd", "natural")),
+                              ("amortize", ("all", "last")), ("inner_step", ("sgd", "natural", "polyak")),
                               ("kernel", ("sum", "deep")),
                               ("gp_mean", ("constant", "mlp"))):
             v = getattr(self, name)

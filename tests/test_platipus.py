@@ -28,12 +28,13 @@ PARAMS = ["model.mu", "model.log_sigma", "model.log_gamma_p", "guide.log_v_q", "
           "model.likelihood.raw_noise"]
 
 
-def _setup(first_order: bool = False, kl_estimator: str = "analytic", noise_scaled_lr: bool = False):
+def _setup(first_order: bool = False, kl_estimator: str = "analytic", noise_scaled_lr: bool = False,
+           inner_step: str = "sgd", inner_lr: float = 0.05):
     """A [1, 4, 1] MLP, 3 tasks of 4 support and 6 query points, float64, a learned noise (so its
     gradient through the inner loops is checked too), gammas and sigma away from their defaults."""
     cfg = RunConfig(method="platipus", hidden=[4], inner_steps=2, first_order=first_order, meta_batch=3,
-                    learn_noise=True, noise_std=0.5, gamma_init=0.05, inner_lr=0.05, prior_init_std=0.2,
-                    kl_estimator=kl_estimator, noise_scaled_lr=noise_scaled_lr)
+                    learn_noise=True, noise_std=0.5, gamma_init=0.05, inner_lr=inner_lr, prior_init_std=0.2,
+                    kl_estimator=kl_estimator, noise_scaled_lr=noise_scaled_lr, inner_step=inner_step)
     learner = build_learner(cfg).double()
     with torch.no_grad():  # q and p of different widths, so every term of the KL has a gradient
         learner.model.log_sigma.add_(0.3 * torch.randn(learner.model.log_sigma.shape, dtype=torch.float64))
@@ -56,19 +57,23 @@ def _fd_grad(learner, batch, name, idx):
     return central_differences(lambda: _loss(learner, batch), dict(learner.named_parameters())[name], idx, EPS)
 
 
-@pytest.mark.parametrize("kl_estimator, noise_scaled_lr", [("analytic", False), ("mc", False), ("analytic", True)])
-def test_second_order_meta_gradient_matches_finite_differences(kl_estimator, noise_scaled_lr):
+@pytest.mark.parametrize("kl_estimator, noise_scaled_lr, inner_step, inner_lr", [
+    ("analytic", False, "sgd", 0.05), ("mc", False, "sgd", 0.05), ("analytic", True, "sgd", 0.05),
+    ("analytic", False, "polyak", 5.0), ("analytic", True, "polyak", 0.06)])
+def test_second_order_meta_gradient_matches_finite_differences(kl_estimator, noise_scaled_lr, inner_step, inner_lr):
     """d loss / d (mu, log sigma, log gamma_p, log v_q, log gamma_q, noise): central differences,
     step 1e-6, rtol 1e-5 (float64), through the prior's and q's gradient steps and the K inner steps
-    (with ``noise_scaled_lr`` also through the noise in the inner step size)."""
-    learner, batch = _setup(kl_estimator=kl_estimator, noise_scaled_lr=noise_scaled_lr)
+    (with ``noise_scaled_lr`` also through the noise in the inner step size; with the Polyak step through
+    each task's step size: uncapped at inner_lr 5; at 0.06 x s^2 = 0.015 two of the three tasks are capped)."""
+    learner, batch = _setup(kl_estimator=kl_estimator, noise_scaled_lr=noise_scaled_lr, inner_step=inner_step,
+                            inner_lr=inner_lr)
     for name in PARAMS:
         p = dict(learner.named_parameters())[name]
         idx = list(range(min(p.numel(), 13)))
         g = _autograd(learner, batch, name)[idx]
         fd = _fd_grad(learner, batch, name, idx)
         assert g.abs().max() > 1e-4, f"{name}: gradient is ~0, the check would be vacuous"
-        assert_close(g, fd, rtol=1e-5, atol=1e-7, msg=f"{kl_estimator} {noise_scaled_lr} {name}")
+        assert_close(g, fd, rtol=1e-5, atol=1e-7, msg=f"{kl_estimator} {noise_scaled_lr} {inner_step} {name}")
 
 
 def test_first_order_differs_from_second_order():

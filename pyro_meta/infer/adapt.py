@@ -57,3 +57,50 @@ def sgd_adapt(
     if not outer_grad:
         cur = tuple(p.detach() for p in cur)
     return cur
+
+
+def polyak_adapt(
+    task_losses: Callable[[Tensor], tuple[Tensor, Tensor]],
+    param: Tensor,
+    steps: int,
+    max_lr: float | Tensor,
+    first_order: bool = False,
+    c: float = 1.0,
+) -> Tensor:
+    """K steps of gradient descent with each task's own Polyak step size, capped (SPS_max: Loizou, Vaswani,
+    Laradji & Lacoste-Julien, "Stochastic Polyak Step-size for SGD", AISTATS 2021):
+
+        gamma_t = min(excess_t / (c * ||g_t||^2), max_lr),   w_t <- w_t - gamma_t * g_t
+
+    with ``excess_t`` the task's loss above its lower bound and ``g_t`` its gradient. For a squared error
+    ``excess = |r|^2 / 2`` the step is ``|r|^2 / (2 c |J^T r|^2) J^T r`` whatever the scale of the targets
+    or of a Gaussian noise: a task whose gradient is large (a steep line) takes a step that much smaller,
+    where a fixed step must be small enough for the steepest task. ``c = 1`` halves the linearized residual
+    when ``J J^T`` is a multiple of the identity. Differentiable like :func:`sgd_adapt` (second order unless
+    ``first_order``; the step size is a function of the parameters and is differentiated too).
+
+    :param task_losses: ``w -> (loss [..., T], excess [..., T])``, one value per task.
+    :param param: the starting point ``[..., T, 1, D]``.
+    :param max_lr: the cap (a float or a tensor broadcastable to ``[..., T, 1, 1]``).
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if c <= 0:
+        raise ValueError(f"c must be positive, got {c}")
+    outer_grad = torch.is_grad_enabled()
+    create_graph = outer_grad and not first_order
+    tiny = torch.finfo(param.dtype).tiny
+    with torch.enable_grad():
+        cur = param if (outer_grad and param.requires_grad) else param.detach().requires_grad_()
+        for _ in range(steps):
+            loss, excess = task_losses(cur)
+            (g,) = torch.autograd.grad(loss.sum(), cur, create_graph=create_graph)
+            if not create_graph:
+                g, excess = g.detach(), excess.detach()
+            sq = (g * g).sum(-1, keepdim=True)  # ..., T, 1, 1
+            cap = torch.as_tensor(max_lr, dtype=cur.dtype, device=cur.device)
+            gamma = torch.minimum(excess.clamp(min=0)[..., None, None] / (c * sq + tiny), cap)
+            cur = cur - gamma * g
+            if not outer_grad:
+                cur = cur.detach().requires_grad_()
+    return cur.detach() if not outer_grad else cur

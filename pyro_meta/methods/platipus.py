@@ -15,7 +15,7 @@ from .common import REGRESSION, MethodInfo, elbo, init_weights, likelihood_text,
 def build(cfg: RunConfig, net: FunctionalNet) -> MetaLearner:
     model = PlatipusModel(net, make_likelihood(cfg), init_weights(net, cfg.seed), cfg.prior_init_std,
                           cfg.gamma_init, cfg.inner_steps, cfg.inner_steps_eval, cfg.inner_lr, cfg.first_order,
-                          cfg.noise_scaled_lr)
+                          cfg.noise_scaled_lr, cfg.inner_step)
     guide = PlatipusGuide(model, cfg.prior_init_std, cfg.gamma_init)
     return MetaLearner(model, guide, elbo(cfg.kl_estimator), name="platipus", protocol=protocol(cfg),
                        predictive_guide=PlatipusPredictiveGuide(model))
@@ -38,6 +38,9 @@ def protocol(cfg: RunConfig) -> dict[str, Any]:
         "inner_loss": "mean Gaussian NLL per support point (likelihood.point_loss), also the L of the "
                       "gradient steps of the prior (support) and of q (query)",
         "inner_steps": {"train": cfg.inner_steps, "test": cfg.inner_steps_eval},
+        "inner_step": "each task's Polyak step min(excess / |g|^2, cap), excess = the support loss above a "
+                      "perfect fit's (SPS_max, Loizou et al. 2021; not the paper's), with the cap below"
+        if cfg.inner_step == "polyak" else "plain SGD (the paper's)",
         "inner_step_size": (f"alpha x s^2 = {cfg.inner_lr:g} x (current noise std)^2 (noise_scaled_lr: a step of "
                             f"{cfg.inner_lr:g} on the squared error; not the paper's)" if cfg.noise_scaled_lr
                             else f"alpha = {cfg.inner_lr:g} (plain SGD, fixed)"),
@@ -85,10 +88,11 @@ def defaults(benchmark: str, ways: int | None, shots: int) -> dict[str, Any]:
         # (MAML's step on the squared error) 2.44 / 1.74 / 0.91 -> the default here. The paper's protocol:
         # --no-learn-noise --no-noise-scaled-lr --inner-lr 0.002.
         return {"inner_steps": 5, "inner_steps_eval": 10, "noise_std": 0.3, "inner_lr": 0.01, "gamma_init": 0.002,
-                "learn_noise": True, "noise_scaled_lr": True, "prior_init_std": 0.1, "kl_estimator": "analytic",
+                "inner_step": "sgd", "learn_noise": True, "noise_scaled_lr": True, "prior_init_std": 0.1, "kl_estimator": "analytic",
                 "eval_samples": 100}
     steps = {"noise_std": MSE_NOISE_STD, "inner_lr": 0.01, "gamma_init": 0.01}
-    return {"inner_steps": 5, "inner_steps_eval": 10, **steps, "learn_noise": False, "prior_init_std": 0.1,
+    return {"inner_steps": 5, "inner_steps_eval": 10, **steps, "inner_step": "sgd", "learn_noise": False,
+            "prior_init_std": 0.1,
             "kl_estimator": "analytic", "eval_samples": 100, "noise_scaled_lr": False}
 
 

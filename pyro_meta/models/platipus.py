@@ -28,8 +28,8 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
-from ..infer import sgd_adapt
-from ..likelihoods import Likelihood
+from ..infer import polyak_adapt, sgd_adapt
+from ..likelihoods import Gaussian, Likelihood
 from ..nn import FunctionalNet
 from ..tasks import TaskBatch
 from .base import TASK_DIM, WeightSpaceModel, observe, tasks_plate
@@ -54,12 +54,22 @@ class PlatipusModel(WeightSpaceModel):
         the step on the NLL ``(y - f)^2 / (2 s^2)`` is then the step ``alpha`` on the squared error whatever
         the noise, so a learned noise that grows does not stall the adaptation (issue 28; the paper's step is
         fixed). Differentiable in ``s``.
+    :param inner_step: ``"sgd"`` (the paper's fixed step alpha) or ``"polyak"`` (this library's option): each
+        task's own Polyak step ``min(excess / |g|^2, alpha)`` (:func:`pyro_meta.infer.polyak_adapt`, SPS_max),
+        ``excess`` the support loss above its value at a perfect fit, so a steep task takes a smaller step
+        than the cap alpha (or ``alpha s^2`` with ``noise_scaled_lr``). Gaussian likelihood only.
     """
 
     def __init__(self, net: FunctionalNet, likelihood: Likelihood, init: Tensor, prior_init_std: float = 0.1,
                  gamma_init: float = 0.01, inner_steps: int = 5, inner_steps_eval: int = 10,
-                 inner_lr: float = 0.002, first_order: bool = False, noise_scaled_lr: bool = False):
+                 inner_lr: float = 0.002, first_order: bool = False, noise_scaled_lr: bool = False,
+                 inner_step: str = "sgd"):
         super().__init__(net, likelihood, score="query")
+        if inner_step not in ("sgd", "polyak"):
+            raise ValueError(f"inner_step must be 'sgd' or 'polyak' for PLATIPUS, got {inner_step!r}")
+        if inner_step == "polyak" and not isinstance(likelihood, Gaussian):
+            raise ValueError("inner_step 'polyak' needs a Gaussian likelihood (the loss at a perfect fit is known)")
+        self.inner_step = inner_step
         for name, v in (("prior_init_std", prior_init_std), ("gamma_init", gamma_init), ("inner_lr", inner_lr)):
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive finite number, got {v!r}")
@@ -102,9 +112,19 @@ class PlatipusModel(WeightSpaceModel):
         lr = self.inner_lr
         if self.noise_scaled_lr:
             lr = self.inner_lr * self.likelihood.noise_std.to(theta.dtype) ** 2
+        if self.inner_step == "polyak":
+            return polyak_adapt(lambda w: self.task_losses(w, batch.x_support, batch.y_support), theta, steps, lr,
+                                self.first_order)
         (phi,) = sgd_adapt(lambda w: self.set_loss(w, batch.x_support, batch.y_support), (theta,), steps,
                            lr, self.first_order)
         return phi
+
+    def task_losses(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Each task's mean NLL per point of ``(x, y)`` and its excess over a perfect fit, ``[..., T]`` each."""
+        f = self.net(w.squeeze(TASK_DIM), x)  # ..., T, N, O
+        loss = self.likelihood.point_loss(f, y)
+        floor = self.likelihood.point_loss(y.expand_as(f), y)
+        return loss.mean(-1), (loss - floor).mean(-1)
 
     def forward(self, batch: TaskBatch) -> Tensor:
         prior = self.conditional_prior(batch)
