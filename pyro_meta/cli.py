@@ -70,7 +70,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder with Omniglot's images_background/evaluation (.zip or extracted); default: "
                         "$PYRO_META_DATA, then the per-user cache directory")
     p.add_argument("--split", default=S, help="omniglot class split: vinyals (default) or lake")
-    p.add_argument("--batch-norm", dest="batch_norm", default=S, help="conv4 batch norm: task (default) or none")
+    p.add_argument("--batch-norm", dest="batch_norm", default=S,
+                   choices=["task", "support", "tasknorm", "instance", "none"],
+                   help="conv4 normalization: task (statistics of the images passed together: transductive, "
+                        "reads the query set), support (the support set's statistics), tasknorm (TaskNorm-I), "
+                        "instance, none")
     p.add_argument("--objective", default=S,
                    help="the training objective; VERSA: ml-pip (default, the paper's) or elbo; ABML: predictive "
                         "(default), paper, joint or support; amortized: joint (default) or query; BMAML: chaser "

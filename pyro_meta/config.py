@@ -40,7 +40,7 @@ class RunConfig:
     activation: str = "relu"
     filters: int | None = None  # conv4 channels
     downsample: str | None = None  # conv4: "maxpool" or "stride"
-    batch_norm: str | None = None  # conv4: "task" (batch statistics per task and set) or "none"
+    batch_norm: str | None = None  # conv4 normalization: task (transductive), support, tasknorm, instance, none
     # optimization
     steps: int | None = None
     meta_lr: float | None = None
@@ -199,7 +199,7 @@ class RunConfig:
         for name in ("first_order", "skip_nonfinite"):
             want(isinstance(getattr(self, name), bool), name, "true or false")
         for name, choices in (("split", ("vinyals", "lake")), ("downsample", ("maxpool", "stride")),
-                              ("batch_norm", ("task", "none")), ("kl_estimator", ("mc", "analytic")),
+                              ("batch_norm", ("task", "support", "tasknorm", "instance", "none")), ("kl_estimator", ("mc", "analytic")),
                               ("amortize", ("all", "last")), ("inner_step", ("sgd", "natural", "polyak")),
                               ("kernel", ("sum", "deep")),
                               ("gp_mean", ("constant", "mlp"))):

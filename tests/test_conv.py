@@ -329,3 +329,64 @@ def test_bf16_trunk_is_close_to_fp32_and_returns_float32():
     assert params.grad is not None and torch.isfinite(params.grad).all() and params.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="precision"):
         Conv4(5, precision="fp16")
+
+
+# ------------------------------------------------------------------ normalization without the query set
+def _reference_ctx(net: Conv4, params: torch.Tensor, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """One task by hand for the support-statistics modes: ``ctx [M, ...]`` and ``x [N, ...]`` through the
+    trunk together, each block's moments written out (support: the context's; instance: each image's;
+    tasknorm: their blend with a = sigmoid(s M + o)), the outputs of ``x`` only."""
+    p = net.spec.unflatten(params)
+    m = ctx.shape[0]
+    h = torch.cat([ctx, x])
+    stride = 2 if net.downsample == "stride" else 1
+    for k in range(net.blocks):
+        h = F.conv2d(h, p[f"conv{k}.w"], p[f"conv{k}.b"], stride=stride, padding=1)
+        mu_c = h[:m].mean(dim=(0, 2, 3), keepdim=True)
+        var_c = ((h[:m] - mu_c) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        mu_i = h.mean(dim=(2, 3), keepdim=True)
+        var_i = ((h - mu_i) ** 2).mean(dim=(2, 3), keepdim=True)
+        if net.batch_norm == "support":
+            mean, var = mu_c, var_c
+        elif net.batch_norm == "instance":
+            mean, var = mu_i, var_i
+        else:
+            a = torch.sigmoid(p[f"bn{k}.s"] * m + p[f"bn{k}.o"])
+            mean = a * mu_c + (1 - a) * mu_i
+            var = a * (var_c + (mu_c - mean) ** 2) + (1 - a) * (var_i + (mu_i - mean) ** 2)
+        h = (h - mean) / torch.sqrt(var + net.bn_eps)
+        h = h * p[f"bn{k}.g"].view(1, -1, 1, 1) + p[f"bn{k}.b"].view(1, -1, 1, 1)
+        h = F.relu(h)
+        if net.downsample == "maxpool":
+            h = F.max_pool2d(h, kernel_size=2, stride=2)
+    feats = h.mean(dim=(2, 3)) if net.downsample == "stride" else h.flatten(1)
+    out = feats if net.out_dim is None else feats @ p["head.w"].T + p["head.b"]
+    return out[m:]
+
+
+@pytest.mark.parametrize("downsample", DOWNSAMPLES)
+@pytest.mark.parametrize("batch_norm", ["support", "tasknorm", "instance"])
+def test_context_modes_match_a_per_task_reference(downsample, batch_norm):
+    net = Conv4(3, filters=4, downsample=downsample, batch_norm=batch_norm)
+    s, t, m, n = 2, 3, 4, 5
+    params = _params(net, s, t)  # S T D
+    x, ctx = _images(t, n, 1, 28, 28), _images(t, m, 1, 28, 28, seed=5)
+    ref = torch.stack([torch.stack([_reference_ctx(net, params[i, j], x[j], ctx[j]) for j in range(t)])
+                       for i in range(s)])  # S T N out
+    assert_close(net(params, x, context=ctx), ref, rtol=1e-9, atol=1e-10, msg="grouped [S, T, D]")
+    ref_shared = torch.stack([_reference_ctx(net, params[0, 0], x[j], ctx[j]) for j in range(t)])
+    assert_close(net(params[0, 0], x, context=ctx), ref_shared, rtol=1e-9, atol=1e-10, msg="shared")
+    if batch_norm != "instance":  # no context: the statistics of x itself (x is the support set)
+        own = torch.stack([_reference_ctx(net, params[0, j], x[j], x[j]) for j in range(t)])
+        assert_close(net(params[0], x), own, rtol=1e-9, atol=1e-10, msg="no context")
+
+
+@pytest.mark.parametrize("batch_norm", ["support", "tasknorm", "instance"])
+def test_context_modes_first_and_second_derivatives_match_finite_differences(batch_norm):
+    """Through the weights and the context images (an inner loop on the support set differentiates both
+    paths): gradcheck and gradgradcheck in float64."""
+    net = Conv4(2, image_size=8, filters=2, blocks=2, downsample="maxpool", batch_norm=batch_norm)
+    params = _params(net, 2, seed=11).requires_grad_()
+    x, ctx = _images(2, 3, 1, 8, 8, seed=12), _images(2, 2, 1, 8, 8, seed=13)
+    assert torch.autograd.gradcheck(lambda p: net(p, x, context=ctx), (params,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradgradcheck(lambda p: net(p, x, context=ctx), (params,), eps=1e-6, atol=1e-5)

@@ -210,7 +210,7 @@ class BFALoss(_Objective):
     def differentiable_loss(self, model: Any, guide: Any, batch: Any) -> Tensor:
         _check_particle_method(model, guide, batch, "the BFA objective")
         follower = guide.follow(batch.x_support, batch.y_support)  # M T 1 P
-        log_lik = model.log_likelihood(follower, batch.x_query, batch.y_query)  # M T
+        log_lik = model.log_likelihood(follower, batch.x_query, batch.y_query, batch.x_support)  # M T
         return -_task_scale() * log_mean_exp(log_lik, 0).sum()
 
     def __repr__(self) -> str:

@@ -93,10 +93,20 @@ def elbo(kl_estimator: str, samples: int = 1):  # noqa: ANN201 - a Pyro ELBO
 def bn_text(cfg: RunConfig) -> str:
     if cfg.benchmark not in CLASSIFICATION_BENCHMARKS:
         return "none (MLP)"
-    if cfg.batch_norm == "none":
-        return "none"
-    return ("per-task batch statistics, computed separately over each task's support set and over its "
-            "query set, in training and at test (transductive over the query set; no running averages)")
+    return BN_TEXT[cfg.batch_norm]
+
+
+BN_TEXT = {
+    "none": "none",
+    "task": "per-task batch statistics, computed separately over each task's support set and over its query set, "
+            "in training and at test: TRANSDUCTIVE, a query image's prediction depends on the other query images "
+            "passed with it (no running averages)",
+    "support": "the support set's statistics (per task, channel, block), applied to support and query images; "
+               "a query image's prediction depends on the support set and itself only",
+    "tasknorm": "TaskNorm-I (Bronskill et al., ICML 2020): the support set's moments blended with each image's "
+                "own by a learned weight sigmoid(scale x support size + offset) per block; not transductive",
+    "instance": "instance norm: each image's own statistics over its feature map; not transductive",
+}
 
 
 def likelihood_text(cfg: RunConfig) -> str:

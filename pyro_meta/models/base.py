@@ -23,7 +23,7 @@ from pyro.distributions.transforms import ExpTransform
 from torch import Tensor, nn
 
 from ..likelihoods import Likelihood
-from ..nn import FunctionalNet
+from ..nn import FunctionalNet, call_net
 from ..tasks import TaskBatch
 
 TASK_DIM = -2
@@ -140,9 +140,9 @@ class WeightSpaceModel(nn.Module):
             with scaled(self.kl_weight):
                 phi = pyro.sample("phi", prior)  # [..., T, 1, D_phi]
             w = self.weights(phi.squeeze(TASK_DIM))  # ..., T, D
-            if self.score != "query" and getattr(self.net, "batch_norm", "none") == "none":
+            if self.score != "query" and getattr(self.net, "batch_norm", "none") in ("none", "instance"):
                 # one network pass over support and query together (only without batch statistics,
-                # which must come from each set on its own)
+                # which must come from each set on its own or from the support set)
                 s = batch.num_support
                 f = self.net(w, torch.cat([batch.x_support, batch.x_query], dim=1))  # ..., T, S+Q, O
                 observe("y_support", self.likelihood, f[..., :s, :], batch.y_support, self.mean_over_points)
@@ -150,9 +150,9 @@ class WeightSpaceModel(nn.Module):
             elif self.score != "query":
                 f_support = self.net(w, batch.x_support)  # ..., T, S, O
                 observe("y_support", self.likelihood, f_support, batch.y_support, self.mean_over_points)
-                f_query = self.net(w, batch.x_query)
+                f_query = call_net(self.net, w, batch.x_query, batch.x_support)
             else:
-                f_query = self.net(w, batch.x_query)
+                f_query = call_net(self.net, w, batch.x_query, batch.x_support)
             with masked(self.score != "support"):
                 observe("y_query", self.likelihood, f_query, batch.y_query, self.mean_over_points)
         return phi

@@ -28,7 +28,7 @@ from pyro.poutine.runtime import get_plates
 from torch import Tensor, nn
 
 from ..likelihoods import Likelihood
-from ..nn import FunctionalNet
+from ..nn import FunctionalNet, call_net
 from ..tasks import TaskBatch
 from .base import POINT_DIM, TASK_DIM, log_gamma_dist, tasks_plate
 
@@ -106,9 +106,10 @@ class BMAMLModel(nn.Module):
         out["w"] = pyro.sample("w", prior_w)  # ..., T, 1, D
         return out
 
-    def observation(self, latents: dict[str, Tensor], x: Tensor) -> dist.Distribution:
-        """``p(y | w, x)`` with batch shape ``[..., T, N]``."""
-        f = self.net(latents["w"].squeeze(TASK_DIM), x)  # ..., T, N, O
+    def observation(self, latents: dict[str, Tensor], x: Tensor, context: Tensor | None = None) -> dist.Distribution:
+        """``p(y | w, x)`` with batch shape ``[..., T, N]``; ``context``: the support images, which normalize
+        ``x`` in the conv trunk's support-statistics modes."""
+        f = call_net(self.net, latents["w"].squeeze(TASK_DIM), x, context)  # ..., T, N, O
         if not self.regression:
             return self.likelihood(f)
         std = torch.exp(-0.5 * latents["log_gamma"]).unsqueeze(-1)  # ..., T, 1, 1
@@ -116,13 +117,17 @@ class BMAMLModel(nn.Module):
 
     def program(self, sets: list[tuple[str, Tensor, Tensor | None]]) -> dict[str, Tensor]:
         """Latents per task, then each named set ``(site, x [T, N, ...], y or None)`` observed at ``site``
-        (one network pass per set: batch statistics, where the net has them, come from each set alone)."""
+        (one network pass per set). A set named ``"y_support"`` is the context of the others: where the conv
+        trunk normalizes with support statistics, they come from it (transductive ``"task"`` statistics come
+        from each set alone)."""
         x0 = sets[0][1]
+        ctx = next((x for site, x, _ in sets if site == "y_support"), None)
         with tasks_plate(x0.shape[0]):
             latents = self._latents(x0.new_zeros(()))
             for site, x, y in sets:
                 with pyro.plate(f"{site}_points", x.shape[1], dim=POINT_DIM):
-                    pyro.sample(site, self.observation(latents, x), obs=y)
+                    context = None if site == "y_support" else ctx
+                    pyro.sample(site, self.observation(latents, x, context), obs=y)
         return latents
 
     def forward(self, batch: TaskBatch) -> dict[str, Tensor]:
@@ -144,7 +149,11 @@ class BMAMLModel(nn.Module):
         respect to ``theta [M, T, 1, P]`` is every particle's own score."""
         return self._trace(theta, sets).log_prob_sum()
 
-    def log_likelihood(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """``log p(y_t | theta_mt, x_t)`` summed over a set's points, ``[M, T]``."""
-        node = self._trace(theta, [("y", x, y)]).nodes["y"]
+    def log_likelihood(self, theta: Tensor, x: Tensor, y: Tensor, x_support: Tensor | None = None) -> Tensor:
+        """``log p(y_t | theta_mt, x_t)`` summed over a set's points, ``[M, T]``; ``x_support``: the support
+        images, the context of a query set (the support set's labels are not read)."""
+        if x_support is None:
+            node = self._trace(theta, [("y", x, y)]).nodes["y"]
+        else:  # the support set as context only: its site's log-density is not used
+            node = self._trace(theta, [("y_support", x_support, None), ("y", x, y)]).nodes["y"]
         return node["fn"].log_prob(node["value"]).sum(-1)  # M, T

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..likelihoods import Categorical
-from ..nn import FunctionalNet
+from ..nn import FunctionalNet, call_net
 from ..tasks import TaskBatch
 from .base import TASK_DIM, full_plate, observe, tasks_plate
 
@@ -66,9 +66,10 @@ class VERSAModel(nn.Module):
     def psi_dim(self) -> int:
         return self.feature_dim + 1
 
-    def features(self, x: Tensor) -> Tensor:
-        """``x [T, N, *image]`` -> ``[T, N, F]`` (batch-norm statistics per task and per set)."""
-        return self.net(self.theta, x)
+    def features(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``x [T, N, *image]`` -> ``[T, N, F]``; ``context``: the support images, whose statistics normalize
+        ``x`` in the trunk's support-statistics modes (``"task"``: statistics per task and per set)."""
+        return call_net(self.net, self.theta, x, context)
 
     def logits(self, h: Tensor, psi: Tensor) -> Tensor:
         """``h [T, Q, F]``, ``psi [..., T, C, F+1]`` -> logits ``[..., T, Q, C]``."""
@@ -81,7 +82,7 @@ class VERSAModel(nn.Module):
         with mean ``h . mu_w + mu_b`` and variance ``h^2 . sigma_w^2 + sigma_b^2``.
 
         ``loc, scale [T, C, F+1]`` -> ``(mean, var)``, each ``[T, Q, C]``."""
-        h = self.features(batch.x_query)  # T Q F
+        h = self.features(batch.x_query, batch.x_support)  # T Q F
         mean = self.logits(h, loc)  # T Q C
         var = self.logits(h * h, scale * scale)  # T Q C
         return mean, var
@@ -94,7 +95,7 @@ class VERSAModel(nn.Module):
 
     def forward(self, batch: TaskBatch) -> Tensor:
         c = num_classes(batch)
-        h = self.features(batch.x_query)  # T Q F
+        h = self.features(batch.x_query, batch.x_support)  # T Q F
         zero = h.new_zeros(self.psi_dim)
         with tasks_plate(batch.num_tasks):
             with classes_plate(c):

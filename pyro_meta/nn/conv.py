@@ -14,10 +14,28 @@ from .spec import ParamSpec
 DOWNSAMPLE_MODES: tuple[str, ...] = ("maxpool", "stride")
 """``"maxpool"``: 2x2 max-pool after each block; ``"stride"``: stride-2 convs + final spatial mean."""
 
-BATCH_NORM_MODES: tuple[str, ...] = ("task", "none")
-"""``"task"``: per-task batch statistics (MAML's protocol); ``"none"``: no normalization."""
+BATCH_NORM_MODES: tuple[str, ...] = ("task", "support", "tasknorm", "instance", "none")
+"""How each block normalizes (Conv4's docstring): ``"task"`` the statistics of the images passed together
+(transductive: MAML's protocol, reads the query set); ``"support"`` the support set's statistics;
+``"tasknorm"`` TaskNorm-I (support statistics blended with each image's own); ``"instance"`` each image's
+own; ``"none"`` no normalization."""
+
+TRANSDUCTIVE_MODES: tuple[str, ...] = ("task",)
+"""Modes in which a query image's output depends on the other query images passed with it."""
+
+CONTEXT_MODES: tuple[str, ...] = ("support", "tasknorm")
+"""Modes whose statistics come from a context set (the support set), passed as ``context=``."""
 
 KERNEL = 3
+
+
+def call_net(net, params: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:  # noqa: ANN001
+    """``net(params, x)``, with ``context=`` (the support inputs) for a net that normalizes with a context
+    set's statistics (a :class:`Conv4` in one of :data:`CONTEXT_MODES`); any other net, a user's own
+    included, is called as ``net(params, x)``."""
+    if context is not None and getattr(net, "batch_norm", None) in CONTEXT_MODES:
+        return net(params, x, context=context)
+    return net(params, x)
 
 CPU_CHUNK_ELEMENTS: int = 2**22
 """On CPU, batch elements (tasks, samples) go through the net in chunks whose first activation
@@ -47,24 +65,37 @@ class Conv4(FunctionalNet):
     (Padding is 1 on every side; TensorFlow's ``"SAME"`` in MAML's code pads even sizes 0
     before / 1 after, which gives the same map sizes on a grid shifted by one pixel.)
 
-    **Batch norm** (a protocol choice; runs should state it):
+    **Normalization** (a protocol choice; runs state it). Each mode computes, per block and channel, a
+    mean and a biased variance and outputs ``y = gamma * (h - mean) / sqrt(var + eps) + beta``; no mode
+    keeps running averages, so the same rule holds in meta-training and at test. Outputs of one batch
+    element (task / sample / particle) never depend on another element's inputs.
 
-    - ``"task"``: every block normalizes with the batch statistics of the ``N`` points passed
-      together for ONE batch element (one task / one sample / one particle): per channel, the
-      mean and the biased variance over ``(N, H, W)``, ``y = gamma * (h - mean) / sqrt(var + eps)
-      + beta``. There are no running averages: the same rule is used in meta-training and at
-      test time (MAML's mode), so at test time predictions are transductive over the points
-      passed in one call (e.g. a task's whole query set). Outputs of one batch element never
-      depend on another element's inputs. With this mode the conv biases cancel in the mean
-      subtraction (their gradient is exactly 0); they are kept for parity with MAML's layout.
+    - ``"task"`` (transductive): the statistics of the ``N`` images passed together for one batch element,
+      over ``(N, H, W)`` (MAML's mode). At test the prediction for a query image depends on which other
+      query images are passed in the same call: one image alone gives a different answer (for a single
+      image and a 1x1 map the block returns ``beta`` whatever the image). ``context`` is ignored.
+    - ``"support"``: the statistics of the context images (``context=``, the task's support set) over
+      ``(M, H, W)``, applied to the images ``x``; with no ``context``, those of ``x`` itself (``x`` is then
+      the support set, as in an inner loop on it). A query image's output depends on the support set and
+      itself only.
+    - ``"tasknorm"``: TaskNorm-I (Bronskill, Gordon, Requeima, Nowozin & Turner, ICML 2020): the context
+      moments blended with each image's own (instance) moments, ``mean = a mu_ctx + (1 - a) mu_img``,
+      ``var = a (var_ctx + (mu_ctx - mean)^2) + (1 - a) (var_img + (mu_img - mean)^2)``, with
+      ``a = sigmoid(scale * M + offset)`` per block, ``M`` the number of context images, ``scale`` and
+      ``offset`` learned (``bn{k}.s``, ``bn{k}.o``; initialized at 0 and 0: ``a = 1/2``).
+    - ``"instance"``: each image's own statistics over ``(H, W)``; ``context`` is ignored.
     - ``"none"``: no normalization and no ``bn*`` parameters.
+
+    With batch statistics (``"task"``, ``"support"``) the conv biases cancel in the mean subtraction
+    (their gradient is exactly 0); they are kept for parity with MAML's layout.
 
     ``gamma`` / ``beta`` (``bnK.g`` / ``bnK.b``) are part of the flat params, so an inner loop
     adapts them like every other weight. (MAML's TensorFlow code differs here: its batch norm
     has a learned ``beta`` only, outside the inner-loop fast weights.)
 
     **Parameters**, in order: ``conv{k}.w [F, Cin_k, 3, 3]``, ``conv{k}.b [F]``,
-    ``bn{k}.g [F]``, ``bn{k}.b [F]`` (``batch_norm="task"`` only) for ``k < blocks``, then
+    ``bn{k}.g [F]``, ``bn{k}.b [F]`` (every mode but ``"none"``), ``bn{k}.s [1]``, ``bn{k}.o [1]``
+    (``"tasknorm"`` only) for ``k < blocks``, then
     ``head.w [out_dim, feature_dim]``, ``head.b [out_dim]`` when ``out_dim`` is not None.
 
     :param out_dim: width of the linear head (MAML's classifier, ``n_way``); None returns the
@@ -80,8 +111,9 @@ class Conv4(FunctionalNet):
         first-layer activation entries (:data:`CPU_CHUNK_ELEMENTS`; None: all at once). A speed
         knob only: outputs are the same up to float round-off.
 
-    ``__call__(params, x)``: ``params [*B, D]``, ``x [*C, N, Cin, H, W]`` with ``*B`` and ``*C``
-    broadcastable -> ``[*broadcast(B, C), N, output_dim]``. ``params [D]`` (one shared net, e.g.
+    ``__call__(params, x, context=None)``: ``params [*B, D]``, ``x [*C, N, Cin, H, W]`` with ``*B`` and ``*C``
+    broadcastable -> ``[*broadcast(B, C), N, output_dim]``; ``context [*C', M, Cin, H, W]`` (the support
+    set; ``*C'`` broadcastable too) normalizes ``x`` in the ``"support"`` and ``"tasknorm"`` modes. ``params [D]`` (one shared net, e.g.
     VERSA) runs each layer as one ``conv2d`` over all images; batched params (e.g. MAML's adapted
     ``[T, D]``, or ``[S, T, D]``) run each layer as one grouped ``conv2d`` with a group per batch
     element. Both paths are twice differentiable (MAML's second-order meta-gradient).
@@ -130,8 +162,10 @@ class Conv4(FunctionalNet):
         cin = self.in_channels
         for k in range(self.blocks):
             shapes += [(f"conv{k}.w", (self.filters, cin, KERNEL, KERNEL)), (f"conv{k}.b", (self.filters,))]
-            if batch_norm == "task":
+            if batch_norm != "none":
                 shapes += [(f"bn{k}.g", (self.filters,)), (f"bn{k}.b", (self.filters,))]
+            if batch_norm == "tasknorm":
+                shapes += [(f"bn{k}.s", (1,)), (f"bn{k}.o", (1,))]
             cin = self.filters
         if self.out_dim is not None:
             shapes += [("head.w", (self.out_dim, self.feature_dim)), ("head.b", (self.out_dim,))]
@@ -157,7 +191,7 @@ class Conv4(FunctionalNet):
         named = {}
         for name, shape in self.spec.shapes.items():
             layer, kind = name.split(".")
-            if layer.startswith("bn"):
+            if layer.startswith("bn"):  # gamma 1; beta, TaskNorm's scale and offset 0
                 named[name] = torch.ones(shape) if kind == "g" else torch.zeros(shape)
                 continue
             w_shape = self.spec.shapes[f"{layer}.w"]
@@ -194,8 +228,12 @@ class Conv4(FunctionalNet):
         if x.shape[-4] < 1:
             raise ValueError(f"Conv4 needs at least one image per batch element, got {tuple(x.shape)}")
 
-    def __call__(self, params: Tensor, x: Tensor) -> Tensor:
+    def __call__(self, params: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``params [*B, D]``, ``x [*C, N, Cin, H, W]`` -> ``[*broadcast(B, C), N, output_dim]``.
+
+        ``context [*C', M, Cin, H, W]``: the images whose statistics normalize ``x`` in the ``"support"`` and
+        ``"tasknorm"`` modes (the task's support set); they go through the trunk with ``x`` (their own
+        outputs are dropped). Other modes ignore it.
 
         With ``precision="bf16"`` the trunk runs under ``torch.autocast`` in bfloat16 (convolutions and the
         head's matmul; batch norm and everything after the trunk stay float32) and returns ``params``'s dtype.
@@ -208,7 +246,22 @@ class Conv4(FunctionalNet):
         self._check(params, x)
         if self.precision == "bf16" and torch.is_autocast_enabled(x.device.type) is False:
             with torch.autocast(x.device.type, dtype=torch.bfloat16):
-                return self(params, x).to(params.dtype)
+                return self(params, x, context).to(params.dtype)
+        m_ctx = 0
+        if context is not None and self.batch_norm in CONTEXT_MODES:
+            self._check(params, context)
+            try:
+                lead = torch.broadcast_shapes(context.shape[:-4], x.shape[:-4])
+            except RuntimeError as e:
+                raise ValueError(f"context batch dims {tuple(context.shape[:-4])} and image batch dims "
+                                 f"{tuple(x.shape[:-4])} do not broadcast") from e
+            m_ctx = context.shape[-4]
+            x = torch.cat([context.expand(*lead, *context.shape[-4:]), x.expand(*lead, *x.shape[-4:])], dim=-4)
+        out = self._call(params, x, m_ctx)
+        return out[..., m_ctx:, :] if m_ctx else out
+
+    def _call(self, params: Tensor, x: Tensor, m_ctx: int) -> Tensor:
+        """:meth:`__call__` on ``x`` whose first ``m_ctx`` images (per batch element) are the context (0: none)."""
         b_shape, c_shape = params.shape[:-1], x.shape[:-4]
         try:
             batch = torch.broadcast_shapes(b_shape, c_shape)
@@ -239,12 +292,12 @@ class Conv4(FunctionalNet):
             m = min(chunk, nb - a)
             pc = p if shared else {k: v[a:a + m] for k, v in p.items()}  # name: m *shape
             xc = xs if x_shared else xs[a:a + m]  # (m) N Cin H W
-            outs.append(self._forward(pc, xc, m, n, shared, x_shared))  # m N out
+            outs.append(self._forward(pc, xc, m, n, shared, x_shared, m_ctx))  # m N out
         out = outs[0] if len(outs) == 1 else torch.cat(outs)  # nb N out
         return out.reshape(*batch, n, self.output_dim)  # *batch N out
 
     def _forward(self, p: dict[str, Tensor], x: Tensor, nb: int, n: int, shared: bool,
-                 x_shared: bool) -> Tensor:
+                 x_shared: bool, m_ctx: int = 0) -> Tensor:
         """``nb`` batch elements -> ``[nb, N, output_dim]``.
 
         :param p: ``name -> [*shape]`` if ``shared`` else ``name -> [nb, *shape]``.
@@ -273,11 +326,20 @@ class Conv4(FunctionalNet):
                 groups = 1 if (k == 0 and x_shared) else nb
                 h = F.conv2d(h, w, b.reshape(nb * f), stride=self._stride, padding=1,
                              groups=groups)  # N nb*F H' W'
-            if self.batch_norm == "task":
+            if self.batch_norm != "none":
                 g, beta = p[f"bn{k}.g"], p[f"bn{k}.b"]
                 if shared:
                     g, beta = g.repeat(nb), beta.repeat(nb)  # nb*F
-                h = self._bn(h, g.reshape(nb * f), beta.reshape(nb * f))  # N nb*F H' W'
+                g, beta = g.reshape(nb * f), beta.reshape(nb * f)
+                if self.batch_norm == "task":
+                    h = self._bn(h, g, beta)  # N nb*F H' W'
+                else:
+                    blend = None
+                    if self.batch_norm == "tasknorm":  # a = sigmoid(scale * M + offset), one per element
+                        sc, off = p[f"bn{k}.s"], p[f"bn{k}.o"]  # (nb) 1
+                        a = torch.sigmoid(sc * float(m_ctx if m_ctx else n) + off).reshape(-1)  # 1 or nb
+                        blend = a.repeat_interleave(f) if a.numel() > 1 else a.expand(nb * f)  # nb*F
+                    h = self._norm(h, g, beta, m_ctx, blend)
             if self.downsample == "maxpool":
                 # relu is monotone, so relu(maxpool(h)) == maxpool(relu(h)) (values and
                 # gradients) and the relu runs on a quarter of the elements
@@ -294,6 +356,26 @@ class Conv4(FunctionalNet):
         if shared:
             return F.linear(feats, p["head.w"], p["head.b"])  # nb N out
         return torch.baddbmm(p["head.b"].unsqueeze(1), feats, p["head.w"].transpose(1, 2))  # nb N out
+
+    def _norm(self, h: Tensor, g: Tensor, b: Tensor, m_ctx: int, blend: Tensor | None) -> Tensor:
+        """The non-transductive modes on ``h [N, C, H, W]``: ``"instance"`` (per image and channel over
+        ``(H, W)``), ``"support"`` (per channel over the first ``m_ctx`` images, or all ``N`` when
+        ``m_ctx`` is 0, and ``(H, W)``), ``"tasknorm"`` (their blend with weight ``blend [C]``)."""
+        if self.batch_norm == "instance" or blend is not None:
+            var_i, mean_i = torch.var_mean(h, dim=(2, 3), correction=0, keepdim=True)  # N C 1 1
+        if self.batch_norm in CONTEXT_MODES:
+            ctx = h[:m_ctx] if m_ctx else h
+            var_c, mean_c = torch.var_mean(ctx, dim=(0, 2, 3), correction=0, keepdim=True)  # 1 C 1 1
+        if self.batch_norm == "instance":
+            mean, var = mean_i, var_i
+        elif blend is None:
+            mean, var = mean_c, var_c
+        else:
+            a = blend.view(1, -1, 1, 1)
+            mean = a * mean_c + (1 - a) * mean_i  # N C 1 1
+            var = a * (var_c + (mean_c - mean) ** 2) + (1 - a) * (var_i + (mean_i - mean) ** 2)
+        scale = g.view(1, -1, 1, 1) * torch.rsqrt(var + self.bn_eps)
+        return torch.addcmul(b.view(1, -1, 1, 1) - mean * scale, h, scale)
 
     def _bn(self, h: Tensor, g: Tensor, b: Tensor) -> Tensor:
         """Training-mode batch norm of ``h [N, C, H, W]`` per channel over ``(N, H, W)``."""

@@ -76,7 +76,8 @@ class MLP(FunctionalNet):
             named[name] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
         return self.spec.flatten(named)
 
-    def __call__(self, params: Tensor, x: Tensor) -> Tensor:
+    def __call__(self, params: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``context`` (the support inputs, which normalize ``x`` in a conv trunk) is unused: no statistics."""
         if params.shape[-1] != self.num_params:
             raise ValueError(f"expected weights [..., {self.num_params}], got {tuple(params.shape)}")
         if params.dim() == 2 and x.dim() == 3 and x.shape[0] == params.shape[0]:
