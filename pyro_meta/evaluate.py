@@ -470,6 +470,36 @@ def _finite_only(pred: Prediction, batch: TaskBatch) -> tuple[Prediction, Tensor
     return pred, y, bad
 
 
+def one_image_at_a_time(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed: int = 0,
+                        chunk_tasks: int = 25) -> dict[str, Any]:
+    """Classification metrics with every query image scored on its own (the protocol of the published
+    one-shot figures): each image becomes a task of its own with the same support set and one query, so a
+    normalization that reads the query set sees that image alone. ``chunk_tasks`` original tasks at a time
+    (their support sets are copied once per query image). The draws of different images are independent,
+    so ``heldout_lpd`` (a joint over a task's points) is left out."""
+    probs, log_lik = [], []
+    for a in range(0, batch.num_tasks, chunk_tasks):
+        sub = batch.select(slice(a, min(a + chunk_tasks, batch.num_tasks)))
+        t, q = sub.num_tasks, sub.num_query
+
+        def per_image(v: Tensor) -> Tensor:  # [t, n, ...] -> [t * q, n, ...], each task's set once per image
+            return v.unsqueeze(1).expand(t, q, *v.shape[1:]).reshape(t * q, *v.shape[1:])
+
+        single = TaskBatch(per_image(sub.x_support), per_image(sub.y_support),
+                           sub.x_query.reshape(t * q, 1, *sub.x_query.shape[2:]),
+                           sub.y_query.reshape(t * q, 1, *sub.y_query.shape[2:]))
+        pred = predict(learner, single, num_samples, seed, keep_latents=False)
+        probs.append(pred.mean.reshape(pred.mean.shape[0], t, q, pred.mean.shape[-1]))
+        log_lik.append(pred.log_lik.reshape(pred.log_lik.shape[0], t, q))
+    pred = Prediction(latents={}, per_task=(), mean=torch.cat(probs, 1), stddev=None, log_lik=torch.cat(log_lik, 1),
+                      y_draws=torch.cat(probs, 1).argmax(-1), gaussian=False)
+    out = classification_metrics(pred, batch)
+    out.pop("heldout_lpd", None)
+    out["protocol"] = ("each query image scored alone: a task of its own with the same support set (" +
+                       f"{batch.num_query} images per task, {batch.num_tasks} tasks)")
+    return out
+
+
 def classification_metrics(pred: Prediction, batch: TaskBatch,
                            num_bins: int = M.CALIBRATION_BINS) -> dict[str, dict[str, float]]:
     """Accuracy, NLL and Brier score of the posterior predictive ``p(y | x) = mean_s p(y | x, phi_s)``,

@@ -26,6 +26,7 @@ from .evaluate import evaluate, per_task_weights, predict
 from .io import atomic_write_json
 from .learner import MetaLearner
 from .methods import build_learner, protocol_of, resolve
+from .nn import TRANSDUCTIVE_MODES
 from .metrics import Z95
 from .plots import plot_regression_tasks, plot_reliability, plot_training_curve
 from .rundir import RunLock, clean_temp_files
@@ -325,7 +326,20 @@ def _evaluate_locked(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Be
         report["recalibrated"] = {"fitted_on": recal["fitted_on"], **recalibrated_metrics(pred, test, recal)}
     if not test.is_classification and cfg.method not in REFERENCE_METHODS:
         report["versus_prior"] = versus_prior(cfg, pred, test)
+    if test.is_classification and cfg.batch_norm in TRANSDUCTIVE_MODES:
+        from .evaluate import one_image_at_a_time
+
+        report["transductive"] = (f"batch_norm {cfg.batch_norm!r} normalizes with the statistics of the query "
+                                  "images passed together: 'metrics' scores each task's query set whole, and a "
+                                  "prediction depends on which other images are in it; 'one_image_at_a_time' "
+                                  "scores every image alone")
+        report["one_image_at_a_time"] = one_image_at_a_time(learner, test, cfg.eval_samples, cfg.seed)
     write_json_atomic(run_dir / EVAL, report)
+    if "one_image_at_a_time" in report:
+        print(f"note: transductive normalization (batch_norm {cfg.batch_norm!r}): accuracy "
+              f"{metrics['accuracy']['mean']:.4f} with each query set scored whole, "
+              f"{report['one_image_at_a_time']['accuracy']['mean']:.4f} with every image alone (eval.json)",
+              file=sys.stderr, flush=True)
     vp = report.get("versus_prior") or {}
     if vp.get("worse"):
         print(f"warning: {cfg.method} is worse than knowing nothing: its NLL on the first {vp['tasks']} test tasks, "

@@ -95,3 +95,26 @@ def test_tasknorm_blend_endpoints_are_support_and_instance_statistics():
         flat = tn.spec.flatten({n: q[n] for n in names})
         ref_p = ref.spec.flatten({n: q[n] for n in ref.spec.shapes})
         torch.testing.assert_close(tn(flat, x, context=support), ref(ref_p, x, context=support), rtol=1e-5, atol=1e-5)
+
+
+def test_a_transductive_run_reports_every_image_alone_beside_the_whole_query_set(omniglot_root, tmp_path, capsys):
+    """eval.json of a run with batch_norm 'task' says it is transductive and holds the one-image-at-a-time
+    metrics (they differ from the whole-set ones); a non-transductive run has neither."""
+    import json
+
+    from pyro_meta.run import train_run
+
+    for mode in ("task", "support"):
+        cfg = RunConfig(benchmark="omniglot", method="maml", ways=3, shots=1, queries=2, data_root=str(omniglot_root),
+                        filters=8, batch_norm=mode, steps=2, meta_batch=2, num_test_tasks=4, num_val_tasks=2,
+                        threads=1)
+        out = tmp_path / mode
+        train_run(cfg, out, progress=False)
+        ev = json.loads((out / "eval.json").read_text())
+        if mode == "task":
+            alone = ev["one_image_at_a_time"]
+            assert "query" in ev["transductive"] and alone["accuracy"]["n"] == 4
+            assert abs(alone["nll"]["mean"] - ev["metrics"]["nll"]["mean"]) > 1e-4
+            assert "every image alone" in capsys.readouterr().err
+        else:
+            assert "one_image_at_a_time" not in ev and "transductive" not in ev
