@@ -334,6 +334,14 @@ def _evaluate_locked(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Be
                                   "prediction depends on which other images are in it; 'one_image_at_a_time' "
                                   "scores every image alone")
         report["one_image_at_a_time"] = one_image_at_a_time(learner, test, cfg.eval_samples, cfg.seed)
+    for name, extra in bm.extra.items():  # e.g. Lake's within-alphabet episodes, every image scored alone
+        from .evaluate import one_image_at_a_time
+
+        extra = extra.to(test.x_support.device)
+        report[name] = {"protocol": bm.protocol.get(name, name), "num_tasks": extra.num_tasks,
+                        "metrics": one_image_at_a_time(learner, extra, cfg.eval_samples, cfg.seed)
+                        if cfg.batch_norm in TRANSDUCTIVE_MODES else
+                        evaluate(learner, extra, num_samples=cfg.eval_samples, seed=cfg.seed)[0]}
     write_json_atomic(run_dir / EVAL, report)
     if "one_image_at_a_time" in report:
         print(f"note: transductive normalization (batch_norm {cfg.batch_norm!r}): accuracy "

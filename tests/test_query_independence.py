@@ -99,7 +99,8 @@ def test_tasknorm_blend_endpoints_are_support_and_instance_statistics():
 
 def test_a_transductive_run_reports_every_image_alone_beside_the_whole_query_set(omniglot_root, tmp_path, capsys):
     """eval.json of a run with batch_norm 'task' says it is transductive and holds the one-image-at-a-time
-    metrics (they differ from the whole-set ones); a non-transductive run has neither."""
+    metrics (they differ from the whole-set ones), and on --split lake Lake's within-alphabet episodes; a
+    non-transductive run on the Vinyals split has none of these."""
     import json
 
     from pyro_meta.run import train_run
@@ -107,7 +108,7 @@ def test_a_transductive_run_reports_every_image_alone_beside_the_whole_query_set
     for mode in ("task", "support"):
         cfg = RunConfig(benchmark="omniglot", method="maml", ways=3, shots=1, queries=2, data_root=str(omniglot_root),
                         filters=8, batch_norm=mode, steps=2, meta_batch=2, num_test_tasks=4, num_val_tasks=2,
-                        threads=1)
+                        threads=1, split="lake" if mode == "task" else None)
         out = tmp_path / mode
         train_run(cfg, out, progress=False)
         ev = json.loads((out / "eval.json").read_text())
@@ -116,5 +117,40 @@ def test_a_transductive_run_reports_every_image_alone_beside_the_whole_query_set
             assert "query" in ev["transductive"] and alone["accuracy"]["n"] == 4
             assert abs(alone["nll"]["mean"] - ev["metrics"]["nll"]["mean"]) > 1e-4
             assert "every image alone" in capsys.readouterr().err
+            lake = ev["within_alphabet"]  # --split lake: Lake's episodes beside the random-class ones
+            assert lake["num_tasks"] == 4 and "one evaluation alphabet" in lake["protocol"]
+            assert 0 <= lake["metrics"]["accuracy"]["mean"] <= 1 and "alone" in lake["metrics"]["protocol"]
         else:
             assert "one_image_at_a_time" not in ev and "transductive" not in ev
+
+
+def test_lake_within_alphabet_episodes_come_from_one_alphabet_and_two_drawers(omniglot_root):
+    """Lake's protocol: every class of an episode from one alphabet, no rotations, support and query
+    drawings by different drawers; the run reports them beside the random-class test."""
+    from pyro_meta.tasks.episodes import alphabets_of, within_alphabet_episodes
+    from pyro_meta.tasks.omniglot import class_pool, load_omniglot
+
+    pool = class_pool(load_omniglot(str(omniglot_root)), split="lake", part="evaluation", rotations=(0,))
+    assert all(n.endswith("/rot000") for n in pool.names)
+    names, alpha_of = alphabets_of(pool)
+    ways = int(torch.bincount(alpha_of).max())
+    b = within_alphabet_episodes(pool, 30, ways, 1, 2, seed=3)
+    again = within_alphabet_episodes(pool, 30, ways, 1, 2, seed=3)
+    assert torch.equal(b.x_query, again.x_query)
+    classes = b.info["classes"]
+    assert bool((alpha_of[classes] == b.info["alphabet"][:, None]).all())
+    # the drawers: find each image's drawing index in the pool; support and query drawers differ, and each
+    # set uses the same drawer(s) for every class
+    flat = pool.images.reshape(-1, *pool.images.shape[-2:]).float() / 255
+    for t in range(3):
+        def drawings(x, cls):
+            out = []
+            for img, c in zip(x[:, 0], cls):
+                d = [i for i in range(pool.drawings) if torch.equal(flat[int(c) * pool.drawings + i], img)]
+                out.append(d[0])
+            return out
+        ds = drawings(b.x_support[t], classes[t][b.y_support[t]])
+        dq = drawings(b.x_query[t], classes[t][b.y_query[t]])
+        assert len(set(ds)) == 1 and len(set(dq)) == 2 and not set(ds) & set(dq)
+    with pytest.raises(Exception, match="alphabet with"):
+        within_alphabet_episodes(pool, 2, ways + 1, 1, 1, seed=0)

@@ -165,3 +165,47 @@ def fixed_episodes(
     return _sample(
         pool.images, num_tasks, ways, shots, queries, torch.Generator().manual_seed(seed)
     )
+
+
+def within_alphabet_episodes(
+    pool: ClassPool, num_tasks: int, ways: int, shots: int, queries: int, seed: int
+) -> TaskBatch:
+    """Lake et al.'s one-shot protocol, generalized to N-way K-shot: fixed episodes whose ``ways`` classes
+    all come from one alphabet (an alphabet drawn uniformly among those with at least ``ways`` classes in
+    ``pool``; build the pool with ``rotations=(0,)``: no rotated classes), and whose support and query
+    images come from different drawers: per episode ``shots + queries`` distinct drawers, the first
+    ``shots`` drawing every class's support images, the others its query images (Omniglot's drawing ``d``
+    of every character is by drawer ``d + 1``). With ``ways=20, shots=1, queries=1``: Lake's 20-way runs
+    (one alphabet, a support drawer and a test drawer). Vectorized over tasks; shapes and labels as
+    :func:`fixed_episodes`, ``info["alphabet"]`` the alphabet's index in :func:`alphabets_of`.
+
+    :raises ProtocolError: no alphabet of ``pool`` has ``ways`` classes, or ``shots + queries`` exceeds
+        the drawers."""
+    _check(pool, ways, shots, queries, num_tasks=num_tasks)
+    names, alpha_of = alphabets_of(pool)
+    counts = torch.bincount(alpha_of, minlength=len(names))
+    eligible = torch.nonzero(counts >= ways).flatten()
+    if eligible.numel() == 0:
+        raise ProtocolError(f"within-alphabet {ways}-way episodes need an alphabet with {ways} classes; the pool's "
+                            f"largest has {int(counts.max())}")
+    g = torch.Generator().manual_seed(seed)
+    C, D = pool.images.shape[:2]
+    pick = torch.randint(eligible.numel(), (num_tasks,), generator=g)
+    alphabet = eligible[pick]  # T
+    keys = torch.rand(num_tasks, C, generator=g, dtype=torch.float64)
+    keys = torch.where(alpha_of[None, :] == alphabet[:, None], keys, torch.full_like(keys, -1.0))
+    classes = keys.topk(ways, dim=-1).indices  # T ways, all from the task's alphabet (keys >= 0 first)
+    drawers = torch.rand(num_tasks, D, generator=g, dtype=torch.float64).topk(shots + queries, dim=-1).indices
+    drawings = drawers[:, None, :].expand(num_tasks, ways, shots + queries)  # the same drawers for every class
+    batch = _gather(pool.images, classes, drawings, shots)
+    batch.info["alphabet"] = alphabet.to(pool.images.device)
+    return batch
+
+
+def alphabets_of(pool: ClassPool) -> tuple[list[str], Tensor]:
+    """The pool's alphabets (sorted names) and each class's alphabet index ``[C]`` (from the class names
+    ``"Alphabet/characterNN/rotRRR"``)."""
+    per_class = [name.split("/")[0] for name in pool.names]
+    names = sorted(set(per_class))
+    index = {a: i for i, a in enumerate(names)}
+    return names, torch.tensor([index[a] for a in per_class], dtype=torch.long)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -91,6 +91,9 @@ class Benchmark:
     family: RegressionFamily | TaskFamily | None  # the task family (regression: plots of the true function)
     protocol: dict[str, Any]
     classification: bool = False
+    extra: dict[str, TaskBatch] = field(default_factory=dict)
+    """Further fixed test sets reported beside ``test`` (``--split lake``: ``"within_alphabet"``, Lake's
+    one-shot protocol)."""
 
     @property
     def is_classification(self) -> bool:
@@ -204,7 +207,7 @@ def _describe_family(family: RegressionFamily | TaskFamily) -> dict[str, Any]:
 
 def _omniglot(shots: int, queries: int | None, meta_batch: int, eval_queries: int, num_val_tasks: int,
               num_test_tasks: int, seed: int, ways: int, data_root: str | None, split: str) -> Benchmark:
-    from .episodes import EpisodeSampler, fixed_episodes
+    from .episodes import EpisodeSampler, fixed_episodes, within_alphabet_episodes
     from .omniglot import class_pool, load_omniglot
 
     if split not in _OMNIGLOT_PARTS:
@@ -216,6 +219,11 @@ def _omniglot(shots: int, queries: int | None, meta_batch: int, eval_queries: in
     train = EpisodeSampler(pools[train_part], ways, shots, queries, meta_batch, seed)
     val = fixed_episodes(pools[val_part], num_val_tasks, ways, shots, eval_queries, VAL_SEED)
     test = fixed_episodes(pools[test_part], num_test_tasks, ways, shots, eval_queries, TEST_SEED)
+    extra = {}
+    if split == "lake":
+        plain = class_pool(data, split=split, part=test_part, rotations=(0,))
+        extra["within_alphabet"] = within_alphabet_episodes(plain, num_test_tasks, ways, shots,
+                                                            min(eval_queries, plain.drawings - shots), TEST_SEED)
     protocol = {
         "benchmark": "omniglot", "split": split, "ways": ways, "shots": shots,
         "queries_per_class": queries, "meta_batch": meta_batch, "eval_queries_per_class": eval_queries,
@@ -225,4 +233,13 @@ def _omniglot(shots: int, queries: int | None, meta_batch: int, eval_queries: in
         "parts": {"train": train_part, "val": val_part, "test": test_part},
         "preprocessing": "inverted (ink = 1), resized 105 -> 28 with antialiasing, scaled to [0, 1]",
     }
-    return Benchmark("omniglot", train, val, test, None, protocol, classification=True)
+    if split == "lake":
+        protocol["val_note"] = ("Lake's split has two parts: training on the background alphabets; the validation "
+                                "episodes (recalibration, model selection) are drawn from the evaluation alphabets "
+                                "like the test episodes, with another seed, so they share the test classes (the "
+                                "split has no third part; holding background alphabets out would change Lake's "
+                                "training set). Use --split vinyals where validation must not see test classes")
+        protocol["within_alphabet"] = (f"{num_test_tasks} fixed {ways}-way {shots}-shot episodes, each from one "
+                                       "evaluation alphabet, no rotations, support and query images by different "
+                                       "drawers (Lake et al.'s one-shot protocol), every image scored alone")
+    return Benchmark("omniglot", train, val, test, None, protocol, classification=True, extra=extra)
