@@ -191,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="ArviZ summary of a run's posterior; posterior and PPC plots")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--max-weights", type=int, default=8, help="weights shown in the summary (8)")
+    p = sub.add_parser("classify", help="classify your own images with a trained classification run: a support "
+                                        "folder of labelled images (one sub-folder per class) and a query folder")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--support", type=Path, required=True,
+                   help="one sub-folder per class, named after it, with that class's support images")
+    p.add_argument("--query", type=Path, required=True,
+                   help="the images to classify (files), or one sub-folder per class to score them")
+    p.add_argument("--samples", type=int, default=None, help="posterior draws (the run's eval_samples)")
     sub.add_parser("list", help="the benchmarks and methods")
     p = sub.add_parser("download", help="fetch a dataset's canonical files and verify their MD5")
     p.add_argument("dataset", choices=["omniglot"])
@@ -427,6 +435,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .evaluate import predict
+    from .nn import TRANSDUCTIVE_MODES
+    from .run import load_learner
+    from .tasks import CLASSIFICATION_BENCHMARKS
+    from .tasks.images import task_from_folders
+
+    cfg, learner = load_learner(args.run_dir)
+    if cfg.benchmark not in CLASSIFICATION_BENCHMARKS:
+        raise ConfigError(f"{args.run_dir} is a {cfg.benchmark!r} run; classify needs a classification run (omniglot)")
+    batch, classes, files = task_from_folders(args.support, args.query)
+    if len(classes) != cfg.ways:
+        print(f"note: the run was trained on {cfg.ways}-way tasks; this task has {len(classes)} classes",
+              file=sys.stderr)
+    if batch.num_support // len(classes) != cfg.shots:
+        print(f"note: the run was trained with {cfg.shots} shots; this support set has "
+              f"{batch.num_support // len(classes)} per class", file=sys.stderr)
+    if cfg.batch_norm in TRANSDUCTIVE_MODES:
+        print(f"note: this run normalizes transductively (batch_norm {cfg.batch_norm!r}): each answer depends on "
+              "the other query images in the folder", file=sys.stderr)
+    samples = args.samples if args.samples is not None else max(cfg.eval_samples, 1)
+    if samples < 1:
+        raise ConfigError(f"--samples must be a positive number of draws, got {samples}")
+    learner.eval()
+    dev = next(iter(learner.parameters())).device
+    probs = predict(learner, batch.to(dev), samples, cfg.seed, keep_latents=False).predictive_mean()[0]  # Q C
+    right = 0
+    for i, (f, p) in enumerate(zip(files, probs)):
+        k = int(p.argmax())
+        truth = "" if batch.y_query is None else f"  (true: {classes[int(batch.y_query[0, i])]})"
+        right += batch.y_query is not None and k == int(batch.y_query[0, i])
+        print(f"{f}: {classes[k]} p={float(p[k]):.3f}{truth}")
+    if batch.y_query is not None:
+        print(f"accuracy {right}/{len(files)} = {right / len(files):.3f}")
+    return 0
+
+
 def cmd_list(_: argparse.Namespace) -> int:
     print("benchmarks:")
     for k, v in sorted(all_benchmarks().items()):
@@ -488,6 +533,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "list": cmd_list,
+            "classify": cmd_classify,
             "download": cmd_download, "demo": cmd_demo, "compare": cmd_compare, "vi": cmd_vi}
 
 

@@ -260,6 +260,13 @@ def _resumed_config(out: Path, done: int | None, overrides: dict[str, Any] | Non
 
 def load_run(run_dir: str | Path, device: str | None = None) -> tuple[RunConfig, MetaLearner, Benchmark]:
     """The config, the trained learner (from ``checkpoint.pt``) and the benchmark of a run."""
+    cfg, learner = load_learner(run_dir, device)
+    return cfg, learner, benchmark_of(cfg)
+
+
+def load_learner(run_dir: str | Path, device: str | None = None) -> tuple[RunConfig, MetaLearner]:
+    """The config and the trained learner of a run, without its benchmark (no data root needed: e.g. to
+    classify your own images, :func:`pyro_meta.tasks.images.task_from_folders`)."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     if device is not None:
@@ -272,7 +279,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> tuple[RunConfig,
     except (RuntimeError, KeyError) as e:
         raise ConfigError(f"checkpoint of {str(run_dir)!r} does not match its config.json: {e}") from None
     learner.to(resolve_device(cfg.device))
-    return cfg, learner, benchmark_of(cfg)
+    return cfg, learner
 
 
 def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, learner: MetaLearner | None = None,

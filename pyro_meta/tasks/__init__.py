@@ -2,7 +2,8 @@
 
 from .batch import TaskBatch, TaskBatchError
 from .custom import TaskFamily, register_benchmark, unregister_benchmark
-from .episodes import EpisodeSampler, fixed_episodes
+from .episodes import EpisodeSampler, fixed_episodes, within_alphabet_episodes
+from .images import preprocess_images, task_from_folders
 from .omniglot import (
     ClassPool,
     DataError,
@@ -29,6 +30,9 @@ from .regression import ProtocolError, RegressionFamily, Sinusoid, SinusoidBMAML
 from .stream import BatchCycle, as_task_source
 
 __all__ = [
+    "preprocess_images",
+    "task_from_folders",
+    "within_alphabet_episodes",
     "BENCHMARKS",
     "BatchCycle",
     "TaskFamily",
