@@ -252,15 +252,16 @@ def test_more_particles_give_a_better_predictive_nll_than_one():
 
 def test_the_initial_noise_std_is_a_setting():
     """Issue 28: every particle's initial log noise precision is -2 log noise_std (the authors' 0.1: gamma
-    100, the default); classification particles carry no noise precision."""
+    100, the default on sinusoid; on sinusoid_line the noise prior's mean, 0.32); classification particles
+    carry no noise precision."""
     import math
 
     from pyro_meta.config import RunConfig
     from pyro_meta.methods import build_learner, resolve
 
-    for std in (None, 0.32):
-        cfg = resolve(RunConfig(benchmark="sinusoid_line", method="bmaml", hidden=[4], particles=3,
+    for bench, std, want in (("sinusoid", None, 0.1), ("sinusoid_line", None, 0.32), ("sinusoid", 0.5, 0.5)):
+        cfg = resolve(RunConfig(benchmark=bench, method="bmaml", hidden=[4], particles=3,
                                 **({} if std is None else {"noise_std": std})))
         particles = build_learner(cfg).guide.particles.detach()
-        expected = -2 * math.log(0.1 if std is None else std)
+        expected = -2 * math.log(want)
         assert torch.allclose(particles[:, -1], torch.full((3,), expected, dtype=particles.dtype))
