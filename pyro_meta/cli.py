@@ -63,7 +63,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="query points per test task (per class); Omniglot default: = shots")
     p.add_argument("--test-tasks", dest="test_tasks", type=int, default=S, help="fixed test tasks (600)")
     p.add_argument("--val-tasks", dest="val_tasks", type=int, default=S,
-                   help="fixed validation tasks, on which the recalibration maps are fitted (100)")
+                   help="fixed validation tasks, on which the recalibration maps are fitted (regression 500, "
+                        "classification 100)")
     p.add_argument("--eval-samples", dest="eval_samples", type=int, default=S,
                    help="posterior draws of the test predictive")
     p.add_argument("--data-root", dest="data_root", default=S,

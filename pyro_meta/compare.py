@@ -30,8 +30,8 @@ import torch
 from .config import ConfigError, RunConfig
 from .io import atomic_write_json
 from .methods import METHODS, regression_methods, resolve
-from .models.reference import ORACLE_NONE
 from .metrics import Z95
+from .models.reference import ORACLE_NONE
 from .plots import plot_ambiguous_tasks, plot_calibration_curves
 from .run import load_run, run_many
 from .tasks import CLASSIFICATION_BENCHMARKS

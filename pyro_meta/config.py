@@ -29,7 +29,9 @@ class RunConfig:
     queries: int | None = None  # query points per training task (per class for classification)
     meta_batch: int | None = None
     eval_queries: int | None = None  # query points per evaluation task (per class for classification)
-    num_val_tasks: int = 100
+    # fixed validation tasks (recalibration maps, model selection); None: 500 for regression, 100 episodes for
+    # classification (pyro_meta.methods.protocol_defaults)
+    num_val_tasks: int | None = None
     num_test_tasks: int = 600
     train_tasks: int | None = None  # regression: a finite training set of this many tasks (None: endless)
     # data (classification benchmarks)
@@ -162,9 +164,9 @@ class RunConfig:
 
         for name in ("benchmark", "method", "activation", "device"):
             want(isinstance(getattr(self, name), str), name, "a string")
-        for name in ("shots", "num_val_tasks", "num_test_tasks", "log_every", "checkpoint_every"):
+        for name in ("shots", "num_test_tasks", "log_every", "checkpoint_every"):
             pos_int(name)
-        for name in ("ways", "queries", "meta_batch", "eval_queries", "filters", "train_samples",
+        for name in ("ways", "queries", "num_val_tasks", "meta_batch", "eval_queries", "filters", "train_samples",
                      "train_tasks", "particles", "leader_steps"):
             pos_int(name, allow_none=True)
         # 0 only for the reference rows (prior, oracle), which do not train: methods.resolve refuses it elsewhere

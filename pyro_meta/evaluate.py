@@ -470,6 +470,12 @@ def _finite_only(pred: Prediction, batch: TaskBatch) -> tuple[Prediction, Tensor
     return pred, y, bad
 
 
+def _per_image(v: Tensor, q: int) -> Tensor:
+    """``[t, n, ...]`` -> ``[t * q, n, ...]``: each task's set once per query image."""
+    t = v.shape[0]
+    return v.unsqueeze(1).expand(t, q, *v.shape[1:]).reshape(t * q, *v.shape[1:])
+
+
 def one_image_at_a_time(learner: MetaLearner, batch: TaskBatch, num_samples: int = 100, seed: int = 0,
                         chunk_tasks: int = 25) -> dict[str, Any]:
     """Classification metrics with every query image scored on its own (the protocol of the published
@@ -482,10 +488,7 @@ def one_image_at_a_time(learner: MetaLearner, batch: TaskBatch, num_samples: int
         sub = batch.select(slice(a, min(a + chunk_tasks, batch.num_tasks)))
         t, q = sub.num_tasks, sub.num_query
 
-        def per_image(v: Tensor) -> Tensor:  # [t, n, ...] -> [t * q, n, ...], each task's set once per image
-            return v.unsqueeze(1).expand(t, q, *v.shape[1:]).reshape(t * q, *v.shape[1:])
-
-        single = TaskBatch(per_image(sub.x_support), per_image(sub.y_support),
+        single = TaskBatch(_per_image(sub.x_support, q), _per_image(sub.y_support, q),
                            sub.x_query.reshape(t * q, 1, *sub.x_query.shape[2:]),
                            sub.y_query.reshape(t * q, 1, *sub.y_query.shape[2:]))
         pred = predict(learner, single, num_samples, seed, keep_latents=False)

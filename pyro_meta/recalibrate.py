@@ -29,7 +29,14 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
-from .evaluate import Prediction, _finite_only, _points, classification_metrics, predictive_pit, regression_metrics
+from .evaluate import (
+    Prediction,
+    _finite_only,
+    _points,
+    classification_metrics,
+    predictive_pit,
+    regression_metrics,
+)
 from .tasks import TaskBatch
 
 RECALIBRATION = "recalibration.json"

@@ -26,8 +26,8 @@ from .evaluate import evaluate, per_task_weights, predict
 from .io import atomic_write_json
 from .learner import MetaLearner
 from .methods import build_learner, protocol_of, resolve
-from .nn import TRANSDUCTIVE_MODES
 from .metrics import Z95
+from .nn import TRANSDUCTIVE_MODES
 from .plots import plot_regression_tasks, plot_reliability, plot_training_curve
 from .rundir import RunLock, clean_temp_files
 from .schedule import normalize_schedule

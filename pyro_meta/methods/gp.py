@@ -18,13 +18,13 @@ from ..infer import LeanTrace_ELBO
 from ..learner import MetaLearner
 from ..models.gp import (
     DEFAULT_PERIODS,
-    ConstantMean,
-    MLPMean,
     JITTER,
     KERNEL_CHOICES,
     MIN_NOISE_VAR,
+    ConstantMean,
     DeepKernel,
     GPModel,
+    MLPMean,
     sum_kernel,
 )
 from ..nn import FunctionalNet
