@@ -234,7 +234,7 @@ def test_cli_smoke(tmp_path, extra):
     from pyro_meta.cli import main
 
     out = tmp_path / "run"
-    args = ["train", "sinusoid", "--method", "amortized", "--steps", "3", "--test-tasks", "5", "--out", str(out),
+    args = ["train", "sinusoid", "--method", "amortized", "--steps", "3", "--test-tasks", "5", "--val-tasks", "5", "--out", str(out),
             "--no-progress", *extra]
     assert main(args) == 0
     config = json.loads((out / "config.json").read_text())

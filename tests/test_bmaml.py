@@ -221,7 +221,7 @@ def test_finite_task_set():
 def test_cli_trains_and_exports(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "sinusoid_bmaml", "--method", "bmaml", "--particles", "2", "--objective", "bfa",
-                 "--steps", "3", "--test-tasks", "4", "--hidden", "8", "--out", str(out), "--no-progress"]) == 0
+                 "--steps", "3", "--test-tasks", "4", "--val-tasks", "5", "--hidden", "8", "--out", str(out), "--no-progress"]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["particles"] == 2 and cfg["objective"] == "bfa" and cfg["eval_samples"] == 2
     report = json.loads((out / "eval.json").read_text())

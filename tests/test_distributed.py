@@ -266,7 +266,7 @@ def test_cli_nproc_launches_two_ranks(tmp_path):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # no banner even when unset
     cmd = [sys.executable, "-m", "pyro_meta", "train", "sinusoid", "--method", "maml", "--meta-batch", "5",
-           "--steps", "6", "--test-tasks", "10", "--no-progress", "--nproc", "2", "--out", str(out)]
+           "--steps", "6", "--test-tasks", "10", "--val-tasks", "5", "--no-progress", "--nproc", "2", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "run directory:" in proc.stdout and "(2 ranks)" in proc.stdout
@@ -327,7 +327,7 @@ def test_ctrl_c_stops_every_rank_at_one_step_boundary_and_the_run_resumes(tmp_pa
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "pyro_meta", "train", "sinusoid", "--method", "maml", "--meta-batch", "4",
-           "--steps", "1000000", "--test-tasks", "10", "--no-progress", "--nproc", "2", "--out", str(out)]
+           "--steps", "1000000", "--test-tasks", "10", "--val-tasks", "5", "--no-progress", "--nproc", "2", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size):

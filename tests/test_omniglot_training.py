@@ -127,7 +127,7 @@ def test_versa_only_on_classification():
 def test_cli_train_omniglot_writes_a_complete_run(tmp_path, omniglot_root):
     out = tmp_path / "run"
     r = pyro_meta("train", "omniglot", "--method", "versa", "--ways", "5", "--shots", "1", "--steps", "3",
-                  "--meta-batch", "2", "--queries", "2", "--test-tasks", "10", "--eval-samples", "5",
+                  "--meta-batch", "2", "--queries", "2", "--test-tasks", "10", "--val-tasks", "5", "--eval-samples", "5",
                   "--data-root", omniglot_root, "--out", out, "--no-progress", cwd=tmp_path)
     assert "accuracy" in r.stdout and "ECE" in r.stdout
     report = json.loads((out / "eval.json").read_text())

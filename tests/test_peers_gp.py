@@ -260,7 +260,7 @@ def test_cli_trains_and_evaluates(tmp_path):
     out = tmp_path / "run"
     pyro.clear_param_store()
     rc = cli.main(["train", "sinusoid_line", "--method", "gp", "--steps", "3", "--meta-batch", "2",
-                   "--test-tasks", "4", "--out", str(out), "--no-progress"])
+                   "--test-tasks", "4", "--val-tasks", "5", "--out", str(out), "--no-progress"])
     assert rc == 0
     report = json.loads((out / "eval.json").read_text())
     assert report["method"] == "gp" and report["finished"]

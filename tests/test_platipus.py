@@ -225,7 +225,7 @@ def test_first_step_checks_pass():
 
 def test_cli_train(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "sinusoid", "--method", "platipus", "--steps", "3", "--test-tasks", "5",
+    assert main(["train", "sinusoid", "--method", "platipus", "--steps", "3", "--test-tasks", "5", "--val-tasks", "5",
                  "--out", str(out), "--no-progress"]) == 0
     capsys.readouterr()
     config = json.loads((out / "config.json").read_text())

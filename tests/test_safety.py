@@ -117,11 +117,11 @@ def test_a_second_writer_is_refused_naming_the_holder(run_dir):
 
 
 def test_two_fresh_runs_into_one_folder(tmp_path):
-    first = popen("train", "--method", "abml", "--steps", 3000, "--meta-batch", 5, "--test-tasks", 3,
+    first = popen("train", "--method", "abml", "--steps", 3000, "--meta-batch", 5, "--test-tasks", 3, "--val-tasks", 5,
                   "--out", tmp_path / "x", "--no-progress")
     try:
         _wait_for(lambda: (tmp_path / "x" / "checkpoint.pt").exists(), first)
-        r = cli("train", "--method", "maml", "--steps", 5, "--test-tasks", 3, "--out", tmp_path / "x")
+        r = cli("train", "--method", "maml", "--steps", 5, "--test-tasks", 3, "--val-tasks", 5, "--out", tmp_path / "x")
         assert r.returncode == 2 and "in use by another process" in r.stderr, r.stderr
     finally:
         first.kill()
@@ -159,7 +159,7 @@ def _logged_steps(out: Path) -> int:
 def test_sigterm_checkpoints_and_a_resume_equals_an_uninterrupted_run(tmp_path):
     # a meta-batch of 5 keeps the runs short (issue 20); the signal comes at step 200 or soon after, with
     # about 2 s of training left
-    args = ["--method", "maml", "--steps", 800, "--meta-batch", 5, "--test-tasks", 3, "--no-progress",
+    args = ["--method", "maml", "--steps", 800, "--meta-batch", 5, "--test-tasks", 3, "--val-tasks", 5, "--no-progress",
             "--checkpoint-every", 100000]
     full = cli("train", *args, "--out", tmp_path / "full")
     assert full.returncode == 0, full.stderr
@@ -217,7 +217,7 @@ def test_a_start_up_leftover_is_reused(tmp_path, capsys):
     out.mkdir()
     (out / "config.json").write_text(json.dumps(RunConfig(method="maml", steps=3, **TINY).to_dict()))
     (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"half a file")  # an interrupted write
-    assert main(["train", "--method", "maml", "--steps", "3", "--meta-batch", "2", "--test-tasks", "3",
+    assert main(["train", "--method", "maml", "--steps", "3", "--meta-batch", "2", "--test-tasks", "3", "--val-tasks", "5",
                  "--out", str(out), "--no-progress"]) == 0
     assert "start-up leftover" in capsys.readouterr().err
     assert not list(out.glob(".*.tmp"))
@@ -356,7 +356,7 @@ def test_the_run_folder_removed_mid_run(tmp_path, capsys, monkeypatch):
             shutil.rmtree(tmp_path / "r")
 
     monkeypatch.setattr(progress.Progress, "update", remove_at_5)
-    code = main(["train", "--method", "maml", "--steps", "40", "--meta-batch", "2", "--test-tasks", "3",
+    code = main(["train", "--method", "maml", "--steps", "40", "--meta-batch", "2", "--test-tasks", "3", "--val-tasks", "5",
                  "--out", str(tmp_path / "r"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "was removed while training" in err, err
@@ -410,7 +410,7 @@ def test_a_kill_in_the_start_up_window_then_resume_always_works(tmp_path):
     """SIGKILL as soon as config.json appears (before or just after the step-0 checkpoint): `--resume`
     continues either way, from step 0 if no checkpoint was written."""
     out = tmp_path / "r"
-    p = popen("train", "--method", "maml", "--steps", 5, "--meta-batch", 2, "--test-tasks", 3, "--out", out,
+    p = popen("train", "--method", "maml", "--steps", 5, "--meta-batch", 2, "--test-tasks", 3, "--val-tasks", 5, "--out", out,
               "--no-progress")
     _wait_for(lambda: (out / "config.json").exists(), p)
     p.kill()

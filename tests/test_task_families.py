@@ -137,7 +137,7 @@ def test_changing_the_schedule_on_resume_through_the_cli(cubic, tmp_path, capsys
 
     # a registered name does not exist in a new process, but main() runs in this one
     out = tmp_path / "r"
-    assert main(["train", cubic, "--method", "maml", "--steps", "4", "--meta-batch", "3", "--test-tasks", "4",
+    assert main(["train", cubic, "--method", "maml", "--steps", "4", "--meta-batch", "3", "--test-tasks", "4", "--val-tasks", "5",
                  "--out", str(out), "--no-progress"]) == 0
     assert main(["train", "--resume", str(out), "--steps", "8", "--lr-schedule", "exponential",
                  "--lr-gamma", "0.5", "--lr-every", "2", "--no-progress"]) == 0
