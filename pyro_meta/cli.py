@@ -44,6 +44,8 @@ SCHEDULE_FLAGS = {"lr_schedule": "name", "lr_warmup": "warmup_steps", "lr_gamma"
                   "lr_min_factor": "min_factor", "lr_total_steps": "total_steps"}
 
 # The demo's budget: small enough for 2 CPU cores in under 5 minutes, large enough to learn.
+# the demo's recalibration maps on 100 validation tasks (a run's default is 500: a short demo)
+DEMO_VAL_TASKS = 100
 DEMO_STEPS = {"maml": 3000, "abml": 2000, "platipus": 2000}
 DEMO_PLOT = "demo_predictive.png"
 
@@ -505,7 +507,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for method, steps in DEMO_STEPS.items():
         cfg = resolve(RunConfig(benchmark="sinusoid", method=method, shots=5, device=args.device,
                                 steps=max(1, int(steps * args.steps_scale)), log_every=50,
-                                checkpoint_every=500, num_test_tasks=args.test_tasks, threads=args.threads))
+                                checkpoint_every=500, num_test_tasks=args.test_tasks, threads=args.threads,
+                                num_val_tasks=DEMO_VAL_TASKS))
         out = args.out / method
         if (out / "checkpoint.pt").exists():  # continue an interrupted demo; a different run is refused
             out, _ = _train(cfg, out, resume=True, progress=not args.no_progress, overrides=cfg.to_dict())
