@@ -99,7 +99,7 @@ def test_episodes_from_the_vinyals_split():
 def test_protocol_choices_are_resolved_and_stated(omniglot_root):
     maml = resolve(RunConfig(benchmark="omniglot", method="maml", ways=20, shots=1, data_root=str(omniglot_root)))
     assert (maml.meta_batch, maml.inner_steps, maml.inner_lr, maml.steps) == (16, 5, 0.1, 60_000)
-    assert (maml.downsample, maml.batch_norm, maml.queries, maml.eval_queries) == ("stride", "task", 1, 1)
+    assert (maml.downsample, maml.batch_norm, maml.queries, maml.eval_queries) == ("stride", "support", 1, 1)
     versa = resolve(RunConfig(benchmark="omniglot", method="versa", ways=5, shots=1))
     assert (versa.meta_batch, versa.meta_lr, versa.queries, versa.train_samples, versa.steps) == (16, 1e-4, 15, 10, 80_000)
     assert (versa.objective, versa.local_reparam, versa.downsample, versa.hidden) == \
@@ -138,7 +138,7 @@ def test_cli_train_omniglot_writes_a_complete_run(tmp_path, omniglot_root):
         assert m[k]["mean"] == m[k]["mean"]  # not NaN
     config = json.loads((out / "config.json").read_text())
     stated = config["resolved"]["method_protocol"]
-    assert "per-task batch statistics" in stated["batch_norm"] and "ML-PIP" in stated["objective"]
+    assert "support set's statistics" in stated["batch_norm"] and "ML-PIP" in stated["objective"]
     assert config["resolved"]["benchmark_protocol"]["split"] == "vinyals"
     assert_png(out / "plots" / "reliability.png")
     assert (out / "posterior.nc").is_file()
