@@ -32,7 +32,9 @@ def row(run: Path) -> str:
     mode = cfg["batch_norm"]
     whole = ev["metrics"]
     alone = ev.get("one_image_at_a_time") if mode in TRANSDUCTIVE else whole
-    lake = (ev.get("within_alphabet") or {}).get("metrics")
+    lake_block = ev.get("within_alphabet") or {}
+    lake = lake_block.get("metrics")
+    lake_whole = lake_block.get("whole_query_set", lake)
     seconds = None
     metrics = run / "metrics.jsonl"
     if metrics.exists():
@@ -41,7 +43,7 @@ def row(run: Path) -> str:
     wall = "-" if seconds is None else f"{seconds / 60:.1f} min"
     return (f"| {run.name} | {cfg['method']} | {cfg['ways']}-way {cfg['shots']}-shot | {cfg['split']} | "
             f"{mode}{' (transductive)' if mode in TRANSDUCTIVE else ''} | {ev['step']} | {wall} | "
-            f"{_acc(whole)} | {_acc(alone)} | {_acc(lake)} |")
+            f"{_acc(whole)} | {_acc(alone)} | {_acc(lake_whole)} | {_acc(lake)} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,13 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", type=Path, nargs="+")
     args = p.parse_args(argv)
     print("| run | method | setting | split | normalization | steps | training | accuracy %, query set whole | "
-          "accuracy %, each image alone | within-alphabet accuracy %, each image alone |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "accuracy %, each image alone | within-alphabet accuracy %, query set whole | within-alphabet "
+          "accuracy %, each image alone |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for run in args.runs:
         if (run / "eval.json").exists():
             print(row(run))
         else:
-            print(f"| {run.name} | (no eval.json yet) | | | | | | | | |")
+            print(f"| {run.name} | (no eval.json yet) | | | | | | | | | |")
     return 0
 
 

@@ -26,11 +26,9 @@ import torch
 from pyro_meta.evaluate import evaluate
 from pyro_meta.guides.empty import NoLatentGuide
 from pyro_meta.learner import MetaLearner
-from pyro_meta.methods.reference import COMPONENTS, grid_points
-from pyro_meta.methods.reference import POSTERIOR_FREQUENCIES
+from pyro_meta.methods.reference import COMPONENTS, POSTERIOR_FREQUENCIES, grid_points
 from pyro_meta.models.reference import ReferenceModel, has_posterior_grid
-from pyro_meta.tasks import regression
-from pyro_meta.tasks import get_benchmark
+from pyro_meta.tasks import get_benchmark, regression
 from pyro_meta.tasks.registry import family_of
 
 BENCHMARK = "sinusoid_line"

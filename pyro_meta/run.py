@@ -345,10 +345,12 @@ def _evaluate_locked(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Be
         from .evaluate import one_image_at_a_time
 
         extra = extra.to(test.x_support.device)
+        whole = evaluate(learner, extra, num_samples=cfg.eval_samples, seed=cfg.seed)[0]
         report[name] = {"protocol": bm.protocol.get(name, name), "num_tasks": extra.num_tasks,
                         "metrics": one_image_at_a_time(learner, extra, cfg.eval_samples, cfg.seed)
-                        if cfg.batch_norm in TRANSDUCTIVE_MODES else
-                        evaluate(learner, extra, num_samples=cfg.eval_samples, seed=cfg.seed)[0]}
+                        if cfg.batch_norm in TRANSDUCTIVE_MODES else whole}
+        if cfg.batch_norm in TRANSDUCTIVE_MODES:  # beside it, each episode's query set scored whole
+            report[name]["whole_query_set"] = whole
     write_json_atomic(run_dir / EVAL, report)
     if "one_image_at_a_time" in report:
         print(f"note: transductive normalization (batch_norm {cfg.batch_norm!r}): accuracy "

@@ -122,6 +122,7 @@ def test_a_transductive_run_reports_every_image_alone_beside_the_whole_query_set
             lake = ev["within_alphabet"]  # --split lake: Lake's episodes beside the random-class ones
             assert lake["num_tasks"] == 4 and "one evaluation alphabet" in lake["protocol"]
             assert 0 <= lake["metrics"]["accuracy"]["mean"] <= 1 and "alone" in lake["metrics"]["protocol"]
+            assert 0 <= lake["whole_query_set"]["accuracy"]["mean"] <= 1
         else:
             assert "one_image_at_a_time" not in ev and "transductive" not in ev
 
