@@ -22,7 +22,7 @@ import torch
 from . import distributed
 from .arviz import to_inference_data
 from .config import REFERENCE_METHODS, ConfigError, RunConfig
-from .evaluate import evaluate, per_task_weights, predict
+from .evaluate import evaluate, one_image_at_a_time, per_task_weights, predict
 from .io import atomic_write_json
 from .learner import MetaLearner
 from .methods import build_learner, protocol_of, resolve
@@ -333,24 +333,20 @@ def _evaluate_locked(run_dir: Path, cfg: RunConfig, learner: MetaLearner, bm: Be
         report["recalibrated"] = {"fitted_on": recal["fitted_on"], **recalibrated_metrics(pred, test, recal)}
     if not test.is_classification and cfg.method not in REFERENCE_METHODS:
         report["versus_prior"] = versus_prior(cfg, pred, test)
-    if test.is_classification and cfg.batch_norm in TRANSDUCTIVE_MODES:
-        from .evaluate import one_image_at_a_time
-
+    transductive = test.is_classification and cfg.batch_norm in TRANSDUCTIVE_MODES
+    if transductive:
         report["transductive"] = (f"batch_norm {cfg.batch_norm!r} normalizes with the statistics of the query "
                                   "images passed together: 'metrics' scores each task's query set whole, and a "
                                   "prediction depends on which other images are in it; 'one_image_at_a_time' "
                                   "scores every image alone")
         report["one_image_at_a_time"] = one_image_at_a_time(learner, test, cfg.eval_samples, cfg.seed)
     for name, extra in bm.extra.items():  # e.g. Lake's within-alphabet episodes, every image scored alone
-        from .evaluate import one_image_at_a_time
-
         extra = extra.to(test.x_support.device)
         whole = evaluate(learner, extra, num_samples=cfg.eval_samples, seed=cfg.seed)[0]
-        report[name] = {"protocol": bm.protocol.get(name, name), "num_tasks": extra.num_tasks,
-                        "metrics": one_image_at_a_time(learner, extra, cfg.eval_samples, cfg.seed)
-                        if cfg.batch_norm in TRANSDUCTIVE_MODES else whole}
-        if cfg.batch_norm in TRANSDUCTIVE_MODES:  # beside it, each episode's query set scored whole
-            report[name]["whole_query_set"] = whole
+        report[name] = {"protocol": bm.protocol.get(name, name), "num_tasks": extra.num_tasks, "metrics": whole}
+        if transductive:  # every image alone, and beside it each episode's query set scored whole
+            report[name].update(metrics=one_image_at_a_time(learner, extra, cfg.eval_samples, cfg.seed),
+                                whole_query_set=whole)
     write_json_atomic(run_dir / EVAL, report)
     if "one_image_at_a_time" in report:
         print(f"note: transductive normalization (batch_norm {cfg.batch_norm!r}): accuracy "

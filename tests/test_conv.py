@@ -35,29 +35,42 @@ def _images(*shape: int, seed: int = 1, dtype=torch.float64) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def _reference(net: Conv4, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _reference(net: Conv4, params: torch.Tensor, x: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
     """One task by hand: ``params [D]``, ``x [N, Cin, H, W]`` -> ``[N, output_dim]``.
 
-    Plain per-task ops in the textbook order (conv, batch norm written out, relu, then pool),
-    reading the weights from the unflattened params.
+    Plain per-task ops in the textbook order (conv, normalization written out, relu, then pool), reading
+    the weights from the unflattened params. ``ctx [M, ...]`` (the support-statistics modes): it goes
+    through the trunk with ``x``, its moments normalize (support: the context's; instance: each image's;
+    tasknorm: their blend with a = sigmoid(s M + o); task: all images passed); only ``x``'s outputs return.
     """
     p = net.spec.unflatten(params)
-    h = x
+    m = 0 if ctx is None else ctx.shape[0]
+    h = x if ctx is None else torch.cat([ctx, x])
     stride = 2 if net.downsample == "stride" else 1
     for k in range(net.blocks):
         h = F.conv2d(h, p[f"conv{k}.w"], p[f"conv{k}.b"], stride=stride, padding=1)
-        if net.batch_norm == "task":
-            mean = h.mean(dim=(0, 2, 3), keepdim=True)
-            var = ((h - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)  # biased
+        if net.batch_norm != "none":
+            c = h[:m] if m else h
+            mu_c = c.mean(dim=(0, 2, 3), keepdim=True)
+            var_c = ((c - mu_c) ** 2).mean(dim=(0, 2, 3), keepdim=True)  # biased
+            mu_i = h.mean(dim=(2, 3), keepdim=True)
+            var_i = ((h - mu_i) ** 2).mean(dim=(2, 3), keepdim=True)
+            if net.batch_norm in ("task", "support"):
+                mean, var = mu_c, var_c
+            elif net.batch_norm == "instance":
+                mean, var = mu_i, var_i
+            else:
+                a = torch.sigmoid(p[f"bn{k}.s"] * (m or h.shape[0]) + p[f"bn{k}.o"])
+                mean = a * mu_c + (1 - a) * mu_i
+                var = a * (var_c + (mu_c - mean) ** 2) + (1 - a) * (var_i + (mu_i - mean) ** 2)
             h = (h - mean) / torch.sqrt(var + net.bn_eps)
             h = h * p[f"bn{k}.g"].view(1, -1, 1, 1) + p[f"bn{k}.b"].view(1, -1, 1, 1)
         h = F.relu(h)
         if net.downsample == "maxpool":
             h = F.max_pool2d(h, kernel_size=2, stride=2)
     feats = h.mean(dim=(2, 3)) if net.downsample == "stride" else h.flatten(1)
-    if net.out_dim is None:
-        return feats
-    return feats @ p["head.w"].T + p["head.b"]
+    out = feats if net.out_dim is None else feats @ p["head.w"].T + p["head.b"]
+    return out[m:]
 
 
 # ------------------------------------------------------------------ construction / shapes
@@ -332,38 +345,6 @@ def test_bf16_trunk_is_close_to_fp32_and_returns_float32():
 
 
 # ------------------------------------------------------------------ normalization without the query set
-def _reference_ctx(net: Conv4, params: torch.Tensor, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-    """One task by hand for the support-statistics modes: ``ctx [M, ...]`` and ``x [N, ...]`` through the
-    trunk together, each block's moments written out (support: the context's; instance: each image's;
-    tasknorm: their blend with a = sigmoid(s M + o)), the outputs of ``x`` only."""
-    p = net.spec.unflatten(params)
-    m = ctx.shape[0]
-    h = torch.cat([ctx, x])
-    stride = 2 if net.downsample == "stride" else 1
-    for k in range(net.blocks):
-        h = F.conv2d(h, p[f"conv{k}.w"], p[f"conv{k}.b"], stride=stride, padding=1)
-        mu_c = h[:m].mean(dim=(0, 2, 3), keepdim=True)
-        var_c = ((h[:m] - mu_c) ** 2).mean(dim=(0, 2, 3), keepdim=True)
-        mu_i = h.mean(dim=(2, 3), keepdim=True)
-        var_i = ((h - mu_i) ** 2).mean(dim=(2, 3), keepdim=True)
-        if net.batch_norm == "support":
-            mean, var = mu_c, var_c
-        elif net.batch_norm == "instance":
-            mean, var = mu_i, var_i
-        else:
-            a = torch.sigmoid(p[f"bn{k}.s"] * m + p[f"bn{k}.o"])
-            mean = a * mu_c + (1 - a) * mu_i
-            var = a * (var_c + (mu_c - mean) ** 2) + (1 - a) * (var_i + (mu_i - mean) ** 2)
-        h = (h - mean) / torch.sqrt(var + net.bn_eps)
-        h = h * p[f"bn{k}.g"].view(1, -1, 1, 1) + p[f"bn{k}.b"].view(1, -1, 1, 1)
-        h = F.relu(h)
-        if net.downsample == "maxpool":
-            h = F.max_pool2d(h, kernel_size=2, stride=2)
-    feats = h.mean(dim=(2, 3)) if net.downsample == "stride" else h.flatten(1)
-    out = feats if net.out_dim is None else feats @ p["head.w"].T + p["head.b"]
-    return out[m:]
-
-
 @pytest.mark.parametrize("downsample", DOWNSAMPLES)
 @pytest.mark.parametrize("batch_norm", ["support", "tasknorm", "instance"])
 def test_context_modes_match_a_per_task_reference(downsample, batch_norm):
@@ -371,13 +352,13 @@ def test_context_modes_match_a_per_task_reference(downsample, batch_norm):
     s, t, m, n = 2, 3, 4, 5
     params = _params(net, s, t)  # S T D
     x, ctx = _images(t, n, 1, 28, 28), _images(t, m, 1, 28, 28, seed=5)
-    ref = torch.stack([torch.stack([_reference_ctx(net, params[i, j], x[j], ctx[j]) for j in range(t)])
+    ref = torch.stack([torch.stack([_reference(net, params[i, j], x[j], ctx[j]) for j in range(t)])
                        for i in range(s)])  # S T N out
     assert_close(net(params, x, context=ctx), ref, rtol=1e-9, atol=1e-10, msg="grouped [S, T, D]")
-    ref_shared = torch.stack([_reference_ctx(net, params[0, 0], x[j], ctx[j]) for j in range(t)])
+    ref_shared = torch.stack([_reference(net, params[0, 0], x[j], ctx[j]) for j in range(t)])
     assert_close(net(params[0, 0], x, context=ctx), ref_shared, rtol=1e-9, atol=1e-10, msg="shared")
     if batch_norm != "instance":  # no context: the statistics of x itself (x is the support set)
-        own = torch.stack([_reference_ctx(net, params[0, j], x[j], x[j]) for j in range(t)])
+        own = torch.stack([_reference(net, params[0, j], x[j], x[j]) for j in range(t)])
         assert_close(net(params[0], x), own, rtol=1e-9, atol=1e-10, msg="no context")
 
 

@@ -76,31 +76,31 @@ def polyak_adapt(
     ``excess = |r|^2 / 2`` the step is ``|r|^2 / (2 c |J^T r|^2) J^T r`` whatever the scale of the targets
     or of a Gaussian noise: a task whose gradient is large (a steep line) takes a step that much smaller,
     where a fixed step must be small enough for the steepest task. ``c = 1`` halves the linearized residual
-    when ``J J^T`` is a multiple of the identity. Differentiable like :func:`sgd_adapt` (second order unless
-    ``first_order``; the step size is a function of the parameters and is differentiated too).
+    when ``J J^T`` is a multiple of the identity. :func:`sgd_adapt`'s loop with this step (``update``), so
+    differentiable as it is (second order unless ``first_order``; the step size is a function of the
+    parameters and is differentiated too; first order, it is a constant).
 
     :param task_losses: ``w -> (loss [..., T], excess [..., T])``, one value per task.
     :param param: the starting point ``[..., T, 1, D]``.
     :param max_lr: the cap (a float or a tensor broadcastable to ``[..., T, 1, 1]``).
     """
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
     if c <= 0:
         raise ValueError(f"c must be positive, got {c}")
-    outer_grad = torch.is_grad_enabled()
-    create_graph = outer_grad and not first_order
     tiny = torch.finfo(param.dtype).tiny
-    with torch.enable_grad():
-        cur = param if (outer_grad and param.requires_grad) else param.detach().requires_grad_()
-        for _ in range(steps):
-            loss, excess = task_losses(cur)
-            (g,) = torch.autograd.grad(loss.sum(), cur, create_graph=create_graph)
-            if not create_graph:
-                g, excess = g.detach(), excess.detach()
-            sq = (g * g).sum(-1, keepdim=True)  # ..., T, 1, 1
-            cap = torch.as_tensor(max_lr, dtype=cur.dtype, device=cur.device)
-            gamma = torch.minimum(excess.clamp(min=0)[..., None, None] / (c * sq + tiny), cap)
-            cur = cur - gamma * g
-            if not outer_grad:
-                cur = cur.detach().requires_grad_()
-    return cur.detach() if not outer_grad else cur
+    cap = torch.as_tensor(max_lr, dtype=param.dtype, device=param.device)
+    excess: list[Tensor] = []  # the current step's, from the loss evaluation that gave its gradient
+
+    def loss_fn(w: Tensor) -> Tensor:
+        loss, exc = task_losses(w)
+        excess[:] = [exc]
+        return loss.sum()
+
+    def update(cur: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        (w,), (g,) = cur, grads
+        exc = excess[0] if g.requires_grad else excess[0].detach()  # first order / no graph: a constant step
+        sq = (g * g).sum(-1, keepdim=True)  # ..., T, 1, 1
+        gamma = torch.minimum(exc.clamp(min=0)[..., None, None] / (c * sq + tiny), cap)
+        return (w - gamma * g,)
+
+    (out,) = sgd_adapt(loss_fn, (param,), steps, 0.0, first_order, update=update)
+    return out

@@ -115,13 +115,14 @@ class BMAMLModel(nn.Module):
         std = torch.exp(-0.5 * latents["log_gamma"]).unsqueeze(-1)  # ..., T, 1, 1
         return dist.Normal(f, std.expand(f.shape)).to_event(1)
 
-    def program(self, sets: list[tuple[str, Tensor, Tensor | None]]) -> dict[str, Tensor]:
+    def program(self, sets: list[tuple[str, Tensor, Tensor | None]], context: Tensor | None = None) -> dict[str, Tensor]:
         """Latents per task, then each named set ``(site, x [T, N, ...], y or None)`` observed at ``site``
         (one network pass per set). A set named ``"y_support"`` is the context of the others: where the conv
         trunk normalizes with support statistics, they come from it (transductive ``"task"`` statistics come
-        from each set alone)."""
+        from each set alone). ``context``: the support images where no set is the support set (a query set
+        scored on its own)."""
         x0 = sets[0][1]
-        ctx = next((x for site, x, _ in sets if site == "y_support"), None)
+        ctx = next((x for site, x, _ in sets if site == "y_support"), context)
         with tasks_plate(x0.shape[0]):
             latents = self._latents(x0.new_zeros(()))
             for site, x, y in sets:
@@ -136,13 +137,13 @@ class BMAMLModel(nn.Module):
                                  ("y_query", batch.x_query, batch.y_query)])
 
     # ------------------------------------------------------------------ what SVGD and the losses need
-    def _trace(self, theta: Tensor, sets: list[tuple[str, Tensor, Tensor]]):
+    def _trace(self, theta: Tensor, sets: list[tuple[str, Tensor, Tensor]], context: Tensor | None = None):
         """A trace of :meth:`program` conditioned on the particles ``theta [M, T, 1, P]``, blocked from any
         enclosing handler: an evaluator's samples plate or the trainer's ``1/T`` scale must not reach the
         inner loop's log density. The particles axis needs no plate of its own here (the values carry it,
         and ``log_prob_sum`` sums over it); an enclosing plate at ``dim=-3`` keeps that dim allocated."""
         with poutine.block():
-            return poutine.trace(poutine.condition(self.program, data=self.unpack(theta))).get_trace(sets)
+            return poutine.trace(poutine.condition(self.program, data=self.unpack(theta))).get_trace(sets, context)
 
     def log_joint(self, theta: Tensor, sets: list[tuple[str, Tensor, Tensor]]) -> Tensor:
         """``sum_{m, t} log p(theta_mt, y_t | x_t)`` over the given sets: a scalar whose gradient with
@@ -152,8 +153,5 @@ class BMAMLModel(nn.Module):
     def log_likelihood(self, theta: Tensor, x: Tensor, y: Tensor, x_support: Tensor | None = None) -> Tensor:
         """``log p(y_t | theta_mt, x_t)`` summed over a set's points, ``[M, T]``; ``x_support``: the support
         images, the context of a query set (the support set's labels are not read)."""
-        if x_support is None:
-            node = self._trace(theta, [("y", x, y)]).nodes["y"]
-        else:  # the support set as context only: its site's log-density is not used
-            node = self._trace(theta, [("y_support", x_support, None), ("y", x, y)]).nodes["y"]
+        node = self._trace(theta, [("y", x, y)], x_support).nodes["y"]
         return node["fn"].log_prob(node["value"]).sum(-1)  # M, T

@@ -1,12 +1,12 @@
 """Functional networks, batched over any leading dims (tasks, samples, particles)."""
 
 from .conv import (
-           BATCH_NORM_MODES,
-           CONTEXT_MODES,
-           DOWNSAMPLE_MODES,
-           TRANSDUCTIVE_MODES,
-           Conv4,
-           call_net,
+    BATCH_NORM_MODES,
+    CONTEXT_MODES,
+    DOWNSAMPLE_MODES,
+    TRANSDUCTIVE_MODES,
+    Conv4,
+    call_net,
 )
 from .mlp import ACTIVATIONS, MLP, FunctionalNet
 from .spec import ParamSpec
